@@ -1,0 +1,1 @@
+"""visabus.broker"""
