@@ -1,0 +1,634 @@
+"""The broker: one event loop routing client requests to the worker that owns each instrument.
+
+    poll -> handle clients -> handle workers -> purge (deadlines, leases, liveness) -> heartbeat
+
+It never touches an instrument. It answers at once for unknown resources, bad input and dead workers;
+expires requests past their deadline; serves each instrument's queue fairly across clients; holds the
+locks (leased to client sessions); and publishes events. Every message is validated against the wire
+schema in visabus.sdk.schema: malformed input is answered with an error or dropped with a log line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import zmq
+
+from visabus.sdk import schema
+from visabus.sdk.errors import InvalidResourceName, StatusCode, VisaBusError
+from visabus.sdk.resources import canonical, match_pattern
+from visabus.sdk.transport import DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, EVENT_HWM, bound_endpoint, make_socket
+
+from .fairqueue import FairQueue
+from .locks import validate_lock_request
+from .state import ClientSession, LockWaiter, Request, ResourceEntry, WorkerEntry
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    events: str = DEFAULT_EVENTS
+    heartbeat_ms: int = 1000
+    liveness: int = 3               # missed worker heartbeats before a worker is declared dead
+    lease_ms: int = 10_000          # a client silent this long loses its locks and queued requests
+    queue_limit: int = 1024         # per instrument
+    grace_ms: int = 1000            # extra time a worker gets past a request's deadline
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig | None = None, ctx: zmq.Context | None = None) -> None:
+        self.config = config or BrokerConfig()
+        self.ctx = ctx or zmq.Context.instance()
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.frontend)
+        self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.backend)
+        self.events = make_socket(self.ctx, zmq.PUB, bind=self.config.events, hwm=EVENT_HWM)
+        self.endpoints = {
+            "frontend": bound_endpoint(self.frontend),
+            "backend": bound_endpoint(self.backend),
+            "events": bound_endpoint(self.events),
+        }
+        self.workers: dict[bytes, WorkerEntry] = {}
+        self.resources: dict[str, ResourceEntry] = {}
+        self.aliases: dict[str, str] = {}
+        self.sessions: dict[str, ClientSession] = {}
+        self.rid_sid: dict[bytes, str] = {}
+        self.discovered: dict[str, dict[str, Any]] = {}
+        self.inflight_by_bid: dict[int, Request] = {}
+        self._bids = itertools.count(1)
+        self._topic_seq: dict[str, int] = {}
+        self._stopping = False
+        self._next_heartbeat = 0.0
+        self.dropped_replies = 0
+        self._broker_ops: dict[str, Callable[[bytes, ClientSession, schema.Header, list[Any]], None]] = {
+            "hello": self._op_hello, "heartbeat": self._op_heartbeat, "bye": self._op_bye, "list": self._op_list,
+            "status": self._op_status, "open": self._op_open, "close": self._op_close, "lock": self._op_lock,
+            "unlock": self._op_unlock, "cancel": self._op_cancel, "credit": self._op_credit, "ping": self._op_ping,
+        }
+
+    # ================================================================================== loop
+    def stop(self) -> None:
+        self._stopping = True
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
+        log.info("broker.started", pid=os.getpid(), **self.endpoints)
+        while not self._stopping:
+            ready = dict(poller.poll(self._poll_timeout_ms()))
+            if self.backend in ready:
+                self._drain(self.backend, self._on_worker_message)
+            if self.frontend in ready:
+                self._drain(self.frontend, self._on_client_message)
+            now = time.monotonic()
+            self._purge(now)
+            if now >= self._next_heartbeat:
+                self._heartbeat(now)
+        self.close()
+
+    def close(self) -> None:
+        for entry in list(self.workers.values()):
+            self._send_worker(entry.rid, {"v": schema.VERSION, "op": "disconnect"})
+        for sock in (self.frontend, self.backend, self.events):
+            sock.close(linger=0)
+
+    def _poll_timeout_ms(self) -> int:
+        return max(1, min(250, self.config.heartbeat_ms // 2))
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[Any]], None]) -> None:
+        for _ in range(256):  # bounded so neither side starves the other
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except VisaBusError as exc:  # a handler's precise error that had no request to answer
+                log.warning("broker.handler_error", error=str(exc))
+
+    # ========================================================================= sending helpers
+    def _send(self, sock: zmq.Socket, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
+        try:
+            sock.send_multipart([rid, schema.pack(header), *frames], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            self.dropped_replies += 1
+            log.warning("broker.peer_not_reading", peer=rid.hex(), op=header.get("op"))
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: the peer is gone
+            self.dropped_replies += 1
+            log.info("broker.peer_gone", peer=rid.hex(), op=header.get("op"), error=str(exc))
+        return False
+
+    def _send_client(self, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
+        return self._send(self.frontend, rid, header, frames)
+
+    def _send_worker(self, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
+        return self._send(self.backend, rid, header, frames)
+
+    def _error(self, rid: bytes, header: schema.Header, code: StatusCode, message: str, **fields: Any) -> None:
+        self._send_client(rid, schema.error_reply(header, code, message, **fields))
+
+    def publish(self, topic: str, data: dict[str, Any]) -> None:
+        seq = self._topic_seq[topic] = self._topic_seq.get(topic, 0) + 1
+        try:
+            self.events.send_multipart(schema.event_payload(topic, seq, time.time(), data), flags=zmq.NOBLOCK)
+        except zmq.Again:  # PUB drops rather than blocks; subscribers see the gap in `seq`
+            pass
+
+    # ========================================================================= client side
+    def _on_client_message(self, frames: list[Any]) -> None:
+        rid = frames[0].bytes
+        try:
+            header, data = schema.decode([f.buffer for f in frames[1:2]] + frames[2:])
+        except schema.MalformedMessage as exc:
+            log.warning("broker.malformed_client_message", peer=rid.hex(), error=str(exc))
+            self._error(rid, exc.header if isinstance(exc.header.get("id"), (int, str)) else {}, exc.code, str(exc))
+            return
+        session = self._session_for(rid, header)
+        handler = self._broker_ops.get(header["op"])
+        if handler is not None:
+            handler(rid, session, header, data)
+        else:
+            self._enqueue(rid, session, header, data)
+
+    def _session_for(self, rid: bytes, header: schema.Header) -> ClientSession:
+        now = time.monotonic()
+        sid = header.get("sid") if isinstance(header.get("sid"), str) else self.rid_sid.get(rid)
+        if not sid:
+            sid = self.rid_sid.get(rid) or f"anon-{rid.hex()}"  # clients that skip hello still get a session
+        session = self.sessions.get(sid)
+        if session is None:
+            session = self.sessions[sid] = ClientSession(sid=sid, last_seen=now)
+        if rid not in session.rids:
+            session.rids.add(rid)
+            self.rid_sid[rid] = sid
+        session.last_seen = now
+        return session
+
+    def _resolve(self, rid: bytes, header: schema.Header) -> ResourceEntry | None:
+        """The resource a request names (alias or any spelling), or None after answering the error."""
+        text = header.get("res", "")
+        res = self.aliases.get(text)
+        if res is None:
+            try:
+                res = canonical(text)
+            except InvalidResourceName as exc:
+                self._error(rid, header, exc.code, exc.message)
+                return None
+        entry = self.resources.get(res)
+        if entry is None:
+            known = ", ".join(sorted(self.resources)[:8]) or "none"
+            hint = " (seen by discovery but no worker is attached)" if res in self.discovered else ""
+            self._error(rid, header, StatusCode.VI_ERROR_RSRC_NFOUND,
+                        f"no worker serves {res}{hint}; served resources: {known}. Check `visabus list`.")
+            return None
+        return entry
+
+    def _op_hello(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        session.name = str(header.get("name") or session.name)
+        self._send_client(rid, schema.reply(header, 0, events=self.endpoints["events"], lease_ms=self.config.lease_ms,
+                                            heartbeat_ms=self.config.heartbeat_ms, version=schema.VERSION))
+
+    def _op_heartbeat(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        self._send_client(rid, schema.reply(header, 0))
+
+    def _op_bye(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        self._send_client(rid, schema.reply(header, 0))
+        self._expire_session(session, "said goodbye")
+
+    def _op_ping(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        # Lets a subscriber prove its subscription is live: the probe is published, not sequenced.
+        try:
+            self.events.send_multipart([f"ping.{header['token']}".encode(), schema.pack({"ping": True})],
+                                       flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+        self._send_client(rid, schema.reply(header, 0))
+
+    def _op_list(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        pattern = header.get("pattern") or "?*"
+        rows: dict[str, dict[str, Any]] = {}
+        try:
+            for res, info in self.discovered.items():
+                if match_pattern(pattern, res) or (info.get("alias") and match_pattern(pattern, info["alias"])):
+                    rows[res] = {"res": res, "source": "discovery", "state": "unattached", **info}
+            for res, entry in self.resources.items():
+                if match_pattern(pattern, res) or (entry.alias and match_pattern(pattern, entry.alias)):
+                    rows[res] = {"res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
+                                 "source": "worker", "locked": entry.locks.locked}
+        except InvalidResourceName as exc:
+            self._error(rid, header, exc.code, exc.message)
+            return
+        self._send_client(rid, schema.reply(header, 0, resources=[rows[k] for k in sorted(rows)]))
+
+    def _op_status(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        out = []
+        for res, entry in sorted(self.resources.items()):
+            worker = self.workers.get(entry.worker) if entry.worker else None
+            out.append({
+                "res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
+                "pid": worker.pid if worker else None,
+                "busy": bool(worker and worker.inflight), "queue": len(entry.queue),
+                "lock": {"exclusive": entry.locks.exclusive is not None,
+                         "holders": [self._session_label(s) for s in entry.locks.holders()],
+                         "waiting": len(entry.lock_waiters)},
+                "stats": vars(entry.stats),
+            })
+        self._send_client(rid, schema.reply(header, 0, resources=out, clients=len(self.sessions),
+                                            endpoints=self.endpoints, dropped_replies=self.dropped_replies))
+
+    def _session_label(self, sid: str) -> str:
+        session = self.sessions.get(sid)
+        return f"{session.name}({sid})" if session and session.name else sid
+
+    def _op_open(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        entry = self._resolve(rid, header)
+        if entry is not None:
+            self._send_client(rid, schema.reply(header, 0, res=entry.res, alias=entry.alias, state=entry.state,
+                                                protocol=entry.protocol))
+
+    def _op_close(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        entry = self._resolve(rid, header)
+        if entry is None:
+            return
+        if entry.locks.release_session(session.sid):
+            self._lock_changed(entry, session.sid, "released")
+        if entry.reserved_by == session.sid:
+            entry.reserved_by = None
+        self._send_client(rid, schema.reply(header, 0))
+        self._dispatch(entry)
+
+    def _op_lock(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        entry = self._resolve(rid, header)
+        if entry is None:
+            return
+        try:
+            exclusive, key = validate_lock_request(header.get("exclusive", True), header.get("key"))
+        except VisaBusError as exc:
+            self._error(rid, header, exc.code, exc.message)
+            return
+        granted = entry.locks.try_acquire(session.sid, exclusive, key)
+        if granted is not None:
+            self._send_client(rid, schema.reply(header, 0, key=granted or None))
+            self._lock_changed(entry, session.sid, "acquired")
+            return
+        wait_ms = header.get("lock_timeout_ms", header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS))
+        deadline = None if wait_ms is None else time.monotonic() + wait_ms / 1000.0
+        entry.lock_waiters.append(LockWaiter(rid, session.sid, header, exclusive, key, deadline))
+
+    def _op_unlock(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        entry = self._resolve(rid, header)
+        if entry is None:
+            return
+        try:
+            entry.locks.release(session.sid)
+        except VisaBusError as exc:
+            self._error(rid, header, exc.code, f"{entry.res}: {exc.message}")
+            return
+        self._send_client(rid, schema.reply(header, 0))
+        self._lock_changed(entry, session.sid, "released")
+
+    def _lock_changed(self, entry: ResourceEntry, sid: str, action: str) -> None:
+        self.publish(f"lock.{entry.res}", {"res": entry.res, "action": action, "client": self._session_label(sid),
+                                           "holders": [self._session_label(s) for s in entry.locks.holders()],
+                                           "exclusive": entry.locks.exclusive is not None})
+        still_waiting = []
+        for waiter in entry.lock_waiters:
+            if waiter.sid not in self.sessions:
+                continue
+            granted = entry.locks.try_acquire(waiter.sid, waiter.exclusive, waiter.key)
+            if granted is None:
+                still_waiting.append(waiter)
+            else:
+                self._send_client(waiter.rid, schema.reply(waiter.header, 0, key=granted or None))
+                self.publish(f"lock.{entry.res}", {"res": entry.res, "action": "acquired",
+                                                   "client": self._session_label(waiter.sid),
+                                                   "holders": [self._session_label(s) for s in entry.locks.holders()],
+                                                   "exclusive": entry.locks.exclusive is not None})
+        entry.lock_waiters = still_waiting
+        self._dispatch(entry)
+
+    def _op_cancel(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        bid = session.pending.get(header["target"])
+        state = "unknown"
+        if bid is not None:
+            req = self.inflight_by_bid.get(bid)
+            if req is not None and not req.answered:
+                state = "aborting"
+                worker = self.resources[req.res].worker
+                if worker is not None:
+                    self._send_worker(worker, {"v": schema.VERSION, "op": "cancel", "id": bid})
+            else:
+                for entry in self.resources.values():
+                    for dropped in entry.queue.remove(session.sid, lambda r: r.bid == bid):
+                        state = "dequeued"
+                        self._fail(dropped, StatusCode.VI_ERROR_ABORT, "request cancelled by the client before it ran")
+        self._send_client(rid, schema.reply(header, 0, state=state))
+
+    def _op_credit(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        bid = session.pending.get(header["target"])
+        req = self.inflight_by_bid.get(bid) if bid is not None else None
+        if req is not None:
+            worker = self.resources[req.res].worker
+            if worker is not None:
+                self._send_worker(worker, {"v": schema.VERSION, "op": "credit", "id": bid, "n": header["n"]})
+
+    # ------------------------------------------------------------------------------ requests
+    def _enqueue(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        cid = header.get("id")
+        if cid in session.pending or cid in session.done:
+            # At-most-once: a resent id is never executed again.
+            self._error(rid, header, StatusCode.VI_ERROR_INV_PARAMETER,
+                        f"request id {cid!r} was already received from this client; it is not executed twice",
+                        duplicate=True)
+            return
+        entry = self._resolve(rid, header)
+        if entry is None:
+            return
+        now = time.monotonic()
+        timeout_ms = header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS)
+        req = Request(bid=next(self._bids), rid=rid, sid=session.sid, cid=cid, header=header, frames=data,
+                      res=entry.res, received=now, deadline=None if timeout_ms is None else now + timeout_ms / 1000.0)
+        entry.stats.requests += 1
+        entry.stats.bytes_in += sum(len(f) for f in data)
+        if entry.worker is None:
+            self._fail(req, StatusCode.VI_ERROR_CONN_LOST,
+                       f"{entry.res}: its worker is down (restarting?); the request was not executed",
+                       outcome="not_executed")
+            return
+        if header["op"] == "clear":
+            self._send_out_of_band(entry, req)
+            return
+        if not entry.queue.push(session.sid, req):
+            self._fail(req, StatusCode.VI_ERROR_RSRC_BUSY,
+                       f"{entry.res}: request queue is full ({entry.queue.limit} waiting); retry later")
+            return
+        session.pending[cid] = req.bid
+        entry.stats.max_queue = max(entry.stats.max_queue, len(entry.queue))
+        self._dispatch(entry)
+
+    def _send_out_of_band(self, entry: ResourceEntry, req: Request) -> None:
+        if not entry.locks.admits(req.sid):
+            self._fail(req, StatusCode.VI_ERROR_RSRC_LOCKED,
+                       f"{entry.res} is locked by {', '.join(map(self._session_label, entry.locks.holders()))}")
+            return
+        worker = self.workers[entry.worker]  # type: ignore[index]
+        worker.oob[req.bid] = req
+        self.inflight_by_bid[req.bid] = req
+        self.sessions[req.sid].pending[req.cid] = req.bid
+        self._send_worker(worker.rid, {**req.header, "id": req.bid}, req.frames)
+
+    def _dispatch(self, entry: ResourceEntry) -> None:
+        worker = self.workers.get(entry.worker) if entry.worker else None
+        if worker is None or worker.inflight is not None:
+            return
+        now = time.monotonic()
+        if entry.reserved_by is not None and now >= entry.reserved_until:
+            entry.reserved_by = None
+
+        def eligible(sid: str, req: Request) -> bool:
+            return entry.locks.admits(sid) and entry.reserved_by in (None, sid)
+
+        req = entry.queue.pop_next(eligible)
+        if req is None:
+            return
+        worker.inflight = req
+        self.inflight_by_bid[req.bid] = req
+        self._send_worker(worker.rid, {**req.header, "id": req.bid}, req.frames)
+
+    def _fail(self, req: Request, code: StatusCode, message: str, **fields: Any) -> None:
+        if req.answered:
+            return
+        req.answered = True
+        entry = self.resources.get(req.res)
+        if entry is not None:
+            entry.stats.errors += 1
+            entry.stats.timeouts += code == StatusCode.VI_ERROR_TMO
+        session = self.sessions.get(req.sid)
+        if session is not None:
+            session.mark_done(req.cid)
+        self._error(req.rid, req.header, code, message, **fields)
+
+    # ========================================================================= worker side
+    def _on_worker_message(self, frames: list[Any]) -> None:
+        rid = frames[0].bytes
+        try:
+            header, data = schema.decode([f.buffer for f in frames[1:2]] + frames[2:], schema.WORKER_OPS)
+        except schema.MalformedMessage as exc:
+            log.warning("broker.malformed_worker_message", peer=rid.hex(), error=str(exc))
+            return
+        op = header["op"]
+        now = time.monotonic()
+        if op == "event":
+            self._on_event(rid, header)
+            return
+        if op == "ready":
+            self._register_worker(rid, header, now)
+            return
+        worker = self.workers.get(rid)
+        if worker is None:
+            # A worker we do not know (we restarted, or declared it dead): ask it to register again.
+            self._send_worker(rid, {"v": schema.VERSION, "op": "reconnect"})
+            return
+        worker.last_seen = now
+        if op == "reply":
+            self._on_reply(worker, header, data, now)
+        elif op in ("heartbeat", "state"):
+            self._set_worker_state(worker, header["state"], header.get("detail"))
+        elif op == "bye":
+            self._worker_gone(worker, "worker said goodbye")
+
+    def _register_worker(self, rid: bytes, header: schema.Header, now: float) -> None:
+        try:
+            res = canonical(header["res"])
+        except InvalidResourceName as exc:
+            self._send_worker(rid, {"v": schema.VERSION, "op": "reject", "msg": exc.message})
+            return
+        entry = self.resources.get(res)
+        if entry is not None and entry.worker is not None and entry.worker != rid and entry.worker in self.workers:
+            self._send_worker(rid, {"v": schema.VERSION, "op": "reject",
+                                    "msg": f"{res} is already served by worker pid {self.workers[entry.worker].pid}"})
+            return
+        if entry is None:
+            entry = self.resources[res] = ResourceEntry(res=res, queue=FairQueue(self.config.queue_limit))
+        alias = header.get("alias")
+        if alias:
+            if self.aliases.get(alias, res) != res:
+                log.warning("broker.alias_taken", alias=alias, res=res, owner=self.aliases[alias])
+            else:
+                self.aliases[alias] = res
+                entry.alias = alias
+        worker = WorkerEntry(rid=rid, res=res, state=header["state"], last_seen=now, pid=header.get("pid"),
+                             protocol=header.get("protocol"))
+        self.workers[rid] = worker
+        entry.worker, entry.state, entry.protocol = rid, worker.state, worker.protocol
+        log.info("broker.worker_up", resource=res, worker_pid=worker.pid, state=worker.state)
+        self.publish("worker.up", {"res": res, "alias": entry.alias, "pid": worker.pid, "state": worker.state})
+        self._dispatch(entry)
+
+    def _set_worker_state(self, worker: WorkerEntry, state: str, detail: str | None) -> None:
+        if state == worker.state:
+            return
+        worker.state = state
+        entry = self.resources[worker.res]
+        entry.state = state
+        self.publish("worker.state", {"res": worker.res, "state": state, "detail": detail})
+
+    def _on_reply(self, worker: WorkerEntry, header: schema.Header, data: list[Any], now: float) -> None:
+        bid = header["id"]
+        req = self.inflight_by_bid.get(bid)
+        if req is None:
+            log.debug("broker.reply_for_unknown_request", bid=bid)
+            return
+        more = bool(header.get("more"))
+        entry = self.resources[req.res]
+        entry.stats.bytes_out += sum(len(f) for f in data)
+        if not req.answered:
+            out = {**header, "op": req.op, "id": req.cid}
+            if header["status"] < 0:
+                out.setdefault("name", _status_name(header["status"]))
+            self._send_client(req.rid, out, data)
+            if more and req.timeout_s is not None:
+                req.deadline = now + req.timeout_s  # a stream that makes progress is alive
+        if more:
+            return
+        # Final frame of this request.
+        self.inflight_by_bid.pop(bid, None)
+        if worker.oob.pop(bid, None) is None and worker.inflight is req:
+            worker.inflight = None
+        session = self.sessions.get(req.sid)
+        if session is not None:
+            session.mark_done(req.cid)
+        if header["status"] < 0:
+            entry.stats.errors += 1
+        self._update_reservation(entry, req, header["status"], now)
+        self._dispatch(entry)
+
+    def _update_reservation(self, entry: ResourceEntry, req: Request, status: int, now: float) -> None:
+        """A write that asks a question reserves the instrument for its writer until the answer is read."""
+        if req.op == "write" and status >= 0 and req.frames and b"?" in req.frames[0].bytes:
+            entry.reserved_by = req.sid
+            hold = req.timeout_s if req.timeout_s is not None else 10.0
+            entry.reserved_until = now + max(1.0, hold)
+        elif req.op in ("read", "query") and entry.reserved_by == req.sid:
+            entry.reserved_by = None
+
+    def _on_event(self, rid: bytes, header: schema.Header) -> None:
+        topic: str = header["topic"]
+        data = header.get("data") or {}
+        worker = self.workers.get(rid)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+            data.setdefault("res", worker.res)
+        if topic == "instrument.appeared" or topic == "instrument.changed":
+            for res in data.get("resources", []):
+                try:
+                    self.discovered[canonical(res)] = {k: data.get(k) for k in ("protocol", "address", "metadata")}
+                except InvalidResourceName:
+                    log.warning("broker.bad_discovered_resource", res=res)
+        elif topic == "instrument.disappeared":
+            for res in data.get("resources", []):
+                try:
+                    self.discovered.pop(canonical(res), None)
+                except InvalidResourceName:
+                    pass
+        self.publish(topic, data)
+
+    def _worker_gone(self, worker: WorkerEntry, why: str) -> None:
+        self.workers.pop(worker.rid, None)
+        entry = self.resources.get(worker.res)
+        log.warning("broker.worker_down", resource=worker.res, worker_pid=worker.pid, reason=why)
+        for req in [worker.inflight, *worker.oob.values()]:
+            if req is not None:
+                self.inflight_by_bid.pop(req.bid, None)
+                self._fail(req, StatusCode.VI_ERROR_CONN_LOST,
+                           f"{worker.res}: the worker died while executing this request ({why}); its outcome is "
+                           "unknown: it may or may not have reached the instrument", outcome="unknown")
+        if entry is not None and entry.worker == worker.rid:
+            entry.worker, entry.state = None, "down"
+            for req in entry.queue.drain():
+                self._fail(req, StatusCode.VI_ERROR_CONN_LOST,
+                           f"{worker.res}: the worker died ({why}); this request was not executed",
+                           outcome="not_executed")
+        self.publish("worker.down", {"res": worker.res, "pid": worker.pid, "reason": why})
+
+    # ============================================================================ timers
+    def _purge(self, now: float) -> None:
+        for entry in self.resources.values():
+            expired = entry.queue.remove_all(lambda r: r.deadline is not None and now >= r.deadline)
+            for req in expired:
+                if not entry.locks.admits(req.sid):
+                    holders = ", ".join(map(self._session_label, entry.locks.holders()))
+                    self._fail(req, StatusCode.VI_ERROR_RSRC_LOCKED,
+                               f"{entry.res} stayed locked by {holders} for the whole timeout")
+                else:
+                    self._fail(req, StatusCode.VI_ERROR_TMO,
+                               f"{entry.res}: request waited its whole timeout in the queue behind other requests")
+            if entry.lock_waiters:
+                keep = []
+                for waiter in entry.lock_waiters:
+                    if waiter.deadline is not None and now >= waiter.deadline:
+                        holders = ", ".join(map(self._session_label, entry.locks.holders()))
+                        self._error(waiter.rid, waiter.header, StatusCode.VI_ERROR_TMO,
+                                    f"{entry.res}: could not get the lock within the lock timeout (held by {holders})")
+                    else:
+                        keep.append(waiter)
+                entry.lock_waiters = keep
+            if entry.reserved_by is not None and now >= entry.reserved_until:
+                entry.reserved_by = None
+                self._dispatch(entry)
+        grace = self.config.grace_ms / 1000.0
+        for req in list(self.inflight_by_bid.values()):
+            if not req.answered and req.deadline is not None and now >= req.deadline + grace:
+                self._fail(req, StatusCode.VI_ERROR_TMO,
+                           f"{req.res}: the worker did not answer within the timeout; the operation was aborted")
+                worker = self.resources[req.res].worker
+                if worker is not None:
+                    self._send_worker(worker, {"v": schema.VERSION, "op": "cancel", "id": req.bid})
+        dead_after = self.config.heartbeat_ms * self.config.liveness / 1000.0
+        for worker in list(self.workers.values()):
+            if now - worker.last_seen > dead_after:
+                self._worker_gone(worker, f"silent for {now - worker.last_seen:.1f}s")
+        lease = self.config.lease_ms / 1000.0
+        for session in list(self.sessions.values()):
+            if now - session.last_seen > lease:
+                self._expire_session(session, "lease expired")
+
+    def _expire_session(self, session: ClientSession, why: str) -> None:
+        self.sessions.pop(session.sid, None)
+        for rid in session.rids:
+            self.rid_sid.pop(rid, None)
+        released = []
+        for entry in self.resources.values():
+            entry.queue.remove(session.sid, lambda r: True)
+            entry.lock_waiters = [w for w in entry.lock_waiters if w.sid != session.sid]
+            if entry.reserved_by == session.sid:
+                entry.reserved_by = None
+            if entry.locks.release_session(session.sid):
+                released.append(entry.res)
+                self._lock_changed(entry, session.sid, "released")
+            self._dispatch(entry)
+        log.info("broker.client_gone", client=session.sid, reason=why, released_locks=released)
+        self.publish("client.gone", {"client": session.sid, "name": session.name, "reason": why,
+                                     "released": released})
+
+    def _heartbeat(self, now: float) -> None:
+        self._next_heartbeat = now + self.config.heartbeat_ms / 1000.0
+        for worker in list(self.workers.values()):
+            self._send_worker(worker.rid, {"v": schema.VERSION, "op": "heartbeat"})
+
+
+def _status_name(code: int) -> str:
+    try:
+        return StatusCode(code).name
+    except ValueError:
+        return "VI_ERROR_SYSTEM_ERROR"

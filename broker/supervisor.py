@@ -1,0 +1,273 @@
+"""`visabus serve CONFIG`: start the broker, simulators, discovery and one worker per instrument.
+
+Children are separate OS processes. A child that dies is restarted with exponential backoff (logged and
+published as `supervisor.restart`). SIGINT/SIGTERM stop everything within a few seconds; every child is
+started with PR_SET_PDEATHSIG so none outlives the supervisor even if it is killed outright, and psutil
+sweeps any descendant left at shutdown.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import structlog
+import zmq
+
+from visabus.sdk import schema
+from visabus.sdk.errors import VisaBusError
+from visabus.sdk.resources import parse_resource
+from visabus.sdk.transport import make_socket
+
+from .config import ServeConfig
+
+log = structlog.get_logger(__name__)
+
+STARTUP_TIMEOUT_S = 20.0
+STOP_GRACE_S = 3.0
+STABLE_AFTER_S = 30.0  # a child up this long gets its backoff reset
+
+
+def _die_with_parent() -> None:
+    """preexec: ask Linux to SIGTERM the child when the supervisor dies (no orphans, even on kill -9)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _visabus_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "visabus.sdk.cli", *args]
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    kind: str                       # broker / simulator / discovery / worker
+    reads_json: bool = False        # first stdout line is a JSON object we need
+    proc: subprocess.Popen[bytes] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    started_at: float = 0.0
+    backoff: float = 1.0
+    restart_at: float | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE if self.reads_json else subprocess.DEVNULL, stderr=None,
+            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        )
+        self.started_at = time.monotonic()
+        if self.reads_json:
+            self.info = _read_json_line(self.proc, self.name)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+def _read_json_line(proc: subprocess.Popen[bytes], name: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    got = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        try:
+            result.update(json.loads(line))
+        except ValueError:
+            pass
+        got.set()
+        for _ in iter(proc.stdout.readline, b""):  # keep draining so the child never blocks on a full pipe
+            pass
+
+    threading.Thread(target=reader, daemon=True, name=f"stdout-{name}").start()
+    if not got.wait(STARTUP_TIMEOUT_S) or not result:
+        proc.kill()
+        raise RuntimeError(f"{name} did not report its endpoints at start-up (exit code {proc.poll()})")
+    return result
+
+
+class Supervisor:
+    def __init__(self, config: ServeConfig, *, json_output: bool = False) -> None:
+        self.config = config
+        self.json_output = json_output
+        self.children: list[Child] = []
+        self.endpoints: dict[str, str] = {}
+        self.resources: dict[str, str] = {}   # alias-or-resource -> resource
+        self._stop = threading.Event()
+        self._events: zmq.Socket | None = None
+
+    # ------------------------------------------------------------------------------ start
+    def start(self) -> None:
+        b = self.config.broker
+        broker = Child("broker", _visabus_cmd(
+            "broker", "--frontend", b.frontend, "--backend", b.backend, "--events", b.events,
+            "--heartbeat-ms", str(b.heartbeat_ms), "--liveness", str(b.liveness), "--lease-ms", str(b.lease_ms),
+            "--queue-limit", str(b.queue_limit), "--json"), "broker", reads_json=True)
+        broker.start()
+        self.endpoints = broker.info
+        # Pin ephemeral ports so a restarted broker comes back where clients and workers look for it.
+        broker.argv[broker.argv.index("--frontend") + 1] = self.endpoints["frontend"]
+        broker.argv[broker.argv.index("--backend") + 1] = self.endpoints["backend"]
+        broker.argv[broker.argv.index("--events") + 1] = self.endpoints["events"]
+        self.children.append(broker)
+        self._events = make_socket(zmq.Context.instance(), zmq.DEALER, connect=self.endpoints["backend"])
+
+        for i, sim in enumerate(self.config.simulators):
+            args = ["sim", "--json", "--host", sim.host, "--identity", sim.identity]
+            for proto in sim.protocols:
+                args += [f"--{proto}", str(sim.ports.get(proto, 0))]
+            if sim.advertise:
+                args += ["--advertise", sim.advertise]
+            child = Child(sim.name or f"sim{i}", _visabus_cmd(*args), "simulator", reads_json=True)
+            child.start()
+            self.children.append(child)
+            for proto, res in child.info.items():
+                if proto in sim.protocols:
+                    # Pin the ephemeral port so a restarted simulator serves the same resource.
+                    port = _port_of(res, proto)
+                    if port is not None:
+                        child.argv[child.argv.index(f"--{proto}") + 1] = str(port)
+                    if sim.attach:
+                        alias = f"{sim.name}-{proto}" if sim.name else None
+                        self._add_worker(res, alias, {})
+        for inst in self.config.instruments:
+            self._add_worker(inst.resource, inst.name, inst.attributes)
+        if self.config.discovery.enabled:
+            d = self.config.discovery
+            args = ["discovery", "--backend", self.endpoints["backend"], "--interval", str(d.interval_s),
+                    "--misses", str(d.misses), "--portmapper-port", str(d.portmapper_port)]
+            for iface in d.interfaces:
+                args += ["--interface", iface]
+            if not d.mdns:
+                args.append("--no-mdns")
+            if not d.broadcast:
+                args.append("--no-broadcast")
+            child = Child("discovery", _visabus_cmd(*args), "discovery")
+            child.start()
+            self.children.append(child)
+        self._announce()
+
+    def _add_worker(self, resource: str, alias: str | None, attributes: dict[str, Any]) -> None:
+        b = self.config.broker
+        args = ["worker", resource, "--backend", self.endpoints["backend"], "--heartbeat-ms", str(b.heartbeat_ms),
+                "--liveness", str(b.liveness)]
+        if alias:
+            args += ["--alias", alias]
+        for key, value in attributes.items():
+            args += ["--attr", f"{key}={json.dumps(value)}"]
+        child = Child(f"worker:{alias or resource}", _visabus_cmd(*args), "worker")
+        child.start()
+        self.children.append(child)
+        self.resources[alias or resource] = resource
+
+    def _announce(self) -> None:
+        summary = {**self.endpoints, "resources": self.resources,
+                   "pids": {c.name: c.pid for c in self.children}}
+        if self.json_output:
+            print(json.dumps(summary), flush=True)
+        else:
+            print(f"visabus serving — clients connect to {self.endpoints['frontend']}", flush=True)
+            print(f"  events published on {self.endpoints['events']}, workers on {self.endpoints['backend']}")
+            for name, res in self.resources.items():
+                print(f"  {name:24s} {res}" if name != res else f"  {res}")
+            print("Ctrl-C stops everything.", flush=True)
+
+    # ------------------------------------------------------------------------------ supervise
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            self.start()
+            while not self._stop.wait(0.2):
+                self._check_children()
+        finally:
+            self.shutdown()
+        return 0
+
+    def _check_children(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None:
+                if child.restart_at is not None and now >= child.restart_at:
+                    self._restart(child)
+                continue
+            code = child.proc.poll()
+            if code is None:
+                if now - child.started_at > STABLE_AFTER_S:
+                    child.backoff = 1.0
+                continue
+            if child.kind == "worker" and code == 3:
+                log.error("supervisor.worker_rejected", child=child.name)  # duplicate owner: do not loop
+                child.proc = None
+                continue
+            child.proc = None
+            child.restart_at = now + child.backoff
+            log.warning("supervisor.child_died", child=child.name, exit_code=code, restart_in_s=child.backoff)
+            self._publish("supervisor.child_died", {"child": child.name, "exit_code": code,
+                                                    "restart_in_s": child.backoff})
+            child.backoff = min(child.backoff * 2, self.config.restart_max_backoff_s)
+
+    def _restart(self, child: Child) -> None:
+        child.restart_at = None
+        child.restarts += 1
+        try:
+            child.start()
+        except (OSError, RuntimeError) as exc:
+            log.error("supervisor.restart_failed", child=child.name, error=str(exc))
+            child.proc = None
+            child.restart_at = time.monotonic() + child.backoff
+            return
+        log.info("supervisor.restarted", child=child.name, pid=child.pid, restarts=child.restarts)
+        self._publish("supervisor.restart", {"child": child.name, "pid": child.pid, "restarts": child.restarts})
+
+    def _publish(self, topic: str, data: dict[str, Any]) -> None:
+        if self._events is None:
+            return
+        try:
+            self._events.send(schema.pack({"v": schema.VERSION, "op": "event", "topic": topic, "data": data}),
+                              flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ------------------------------------------------------------------------------ stop
+    def shutdown(self) -> None:
+        order = {"worker": 0, "discovery": 1, "simulator": 2, "broker": 3}
+        live = [c for c in sorted(self.children, key=lambda c: order[c.kind]) if c.proc and c.proc.poll() is None]
+        for child in live:
+            child.proc.terminate()  # type: ignore[union-attr]
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in live:
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+            except subprocess.TimeoutExpired:
+                log.warning("supervisor.kill", child=child.name)
+                child.proc.kill()  # type: ignore[union-attr]
+                child.proc.wait()  # type: ignore[union-attr]
+        for leftover in psutil.Process().children(recursive=True):
+            try:
+                log.warning("supervisor.sweep", pid=leftover.pid, cmd=" ".join(leftover.cmdline()[:4]))
+                leftover.kill()
+            except psutil.Error:
+                pass
+        if self._events is not None:
+            self._events.close(linger=0)
+        log.info("supervisor.stopped")
+
+
+def _port_of(resource: str, protocol: str) -> int | None:
+    try:
+        return parse_resource(resource).port
+    except VisaBusError:
+        return None

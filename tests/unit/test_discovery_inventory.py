@@ -1,0 +1,242 @@
+"""The discovery inventory: hysteresis, grouping by identity, changed events. Pure: no sockets, no clock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+
+from visabus.workers.discovery.inventory import (
+    APPEARED,
+    CHANGED,
+    DISAPPEARED,
+    Event,
+    Inventory,
+    Observation,
+    Source,
+    metadata_from_idn,
+)
+
+VXI = "TCPIP0::10.0.0.5::inst0::INSTR"
+HISLIP = "TCPIP0::10.0.0.5::hislip0::INSTR"
+SOCKET = "TCPIP0::10.0.0.5::5025::SOCKET"
+ACME = {"manufacturer": "ACME", "model": "SIM-1", "serial": "0001", "firmware": "1.0"}
+
+
+def bcast(resource: str = VXI, address: str = "10.0.0.5", t: float = 0.0) -> Observation:
+    return Observation(resource, "vxi11", address, {}, Source.BROADCAST, t)
+
+
+def mdns(
+    resource: str, protocol: str, origin: str, metadata: Mapping[str, str] = ACME, address: str = "10.0.0.5",
+    t: float = 0.0,
+) -> Observation:
+    return Observation(resource, protocol, address, metadata, Source.MDNS, t, origin=origin)
+
+
+def topics(events: list[Event]) -> list[str]:
+    return [e.topic for e in events]
+
+
+def test_broadcast_appearance_carries_the_event_shape() -> None:
+    inv = Inventory(misses=3)
+    (event,) = inv.observe(bcast(t=12.5))
+    assert event.topic == APPEARED
+    assert event.data == {
+        "key": "addr:10.0.0.5/vxi11",
+        "resources": [VXI],
+        "protocol": "vxi11",
+        "protocols": ["vxi11"],
+        "address": "10.0.0.5",
+        "addresses": ["10.0.0.5"],
+        "metadata": {},
+        "sources": ["broadcast"],
+        "timestamp": 12.5,
+    }
+
+
+def test_seeing_the_same_resource_again_is_silent() -> None:
+    inv = Inventory()
+    inv.observe(bcast())
+    assert inv.observe(bcast(t=1.0)) == []
+    assert inv.end_round(Source.BROADCAST, 1.0) == []
+
+
+@pytest.mark.parametrize("misses", [1, 2, 3, 5])
+def test_disappears_only_after_n_consecutive_missed_rounds(misses: int) -> None:
+    inv = Inventory(misses=misses)
+    inv.observe(bcast())
+    assert inv.end_round(Source.BROADCAST, 0.5) == []  # round in which it was seen
+    for i in range(misses - 1):
+        assert inv.end_round(Source.BROADCAST, 1.0 + i) == [], f"gone after {i + 1} misses"
+    (event,) = inv.end_round(Source.BROADCAST, 99.0)
+    assert event.topic == DISAPPEARED
+    assert event.data["resources"] == [VXI]
+    assert event.data["reason"] == "missed"
+    assert event.data["timestamp"] == 99.0
+    assert inv.instruments() == []
+
+
+def test_one_lost_reply_resets_the_miss_count() -> None:
+    inv = Inventory(misses=3)
+    inv.observe(bcast())
+    inv.end_round(Source.BROADCAST, 0)
+    for t in range(1, 20):
+        # miss two rounds, then answer once: never three in a row
+        if t % 3 == 0:
+            assert inv.observe(bcast(t=t)) == []
+        assert inv.end_round(Source.BROADCAST, t) == []
+    assert inv.resources() == [VXI]
+
+
+def test_rounds_of_one_source_do_not_expire_another_sources_resources() -> None:
+    inv = Inventory(misses=1)
+    inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    inv.end_round(Source.MDNS, 0)
+    for t in range(5):
+        assert inv.end_round(Source.BROADCAST, t) == []
+    assert inv.resources() == [HISLIP]
+
+
+def test_mdns_goodbye_is_an_immediate_disappearance() -> None:
+    inv = Inventory()
+    inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    (event,) = inv.withdraw(Source.MDNS, 3.0, origin="a._hislip._tcp.local.")
+    assert event.topic == DISAPPEARED
+    assert event.data["reason"] == "goodbye"
+    assert event.data["key"] == "id:acme:0001"
+    assert inv.withdraw(Source.MDNS, 4.0, origin="a._hislip._tcp.local.") == []  # unknown origin: nothing
+
+
+def test_mdns_liveness_answers_keep_a_resource_alive() -> None:
+    inv = Inventory(misses=2)
+    inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    for t in range(10):
+        inv.seen(Source.MDNS, origin="a._hislip._tcp.local.")
+        assert inv.end_round(Source.MDNS, t) == []
+    inv.end_round(Source.MDNS, 10)
+    assert topics(inv.end_round(Source.MDNS, 11)) == [DISAPPEARED]
+
+
+def test_protocols_of_one_identified_instrument_group_into_one() -> None:
+    inv = Inventory()
+    assert topics(inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))) == [APPEARED]
+    (event,) = inv.observe(mdns(SOCKET, "socket", "a._scpi-raw._tcp.local."))
+    assert event.topic == CHANGED
+    assert event.data["key"] == "id:acme:0001"
+    assert event.data["resources"] == [HISLIP, SOCKET]  # preferred protocol first
+    assert event.data["protocol"] == "hislip"
+    assert event.data["changes"] == ["resources"]
+    assert event.data["previous"] == {"resources": [HISLIP]}
+    assert event.data["metadata"] == ACME
+    assert len(inv.instruments()) == 1
+
+
+def test_anonymous_broadcast_resource_joins_the_identified_instrument_at_its_address() -> None:
+    inv = Inventory()
+    inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    (event,) = inv.observe(bcast())
+    assert event.topic == CHANGED
+    assert event.data["key"] == "id:acme:0001"
+    assert event.data["resources"] == [HISLIP, VXI]
+    assert event.data["sources"] == ["broadcast", "mdns"]
+
+
+def test_identification_arriving_later_renames_instead_of_disappearing() -> None:
+    inv = Inventory()
+    assert topics(inv.observe(bcast())) == [APPEARED]
+    (event,) = inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    assert event.topic == CHANGED
+    assert event.data["key"] == "id:acme:0001"
+    assert event.data["previous_keys"] == ["addr:10.0.0.5/vxi11"]
+    assert event.data["resources"] == [HISLIP, VXI]
+
+
+def test_same_resource_from_two_sources_is_one_resource_and_survives_either() -> None:
+    inv = Inventory(misses=1)
+    inv.observe(bcast())
+    inv.observe(mdns(VXI, "vxi11", "a._vxi-11._tcp.local."))
+    assert inv.resources() == [VXI]
+    inv.end_round(Source.BROADCAST, 0)
+    assert inv.end_round(Source.BROADCAST, 1) == []  # broadcast lost it; mDNS still has it
+    (event,) = inv.withdraw(Source.MDNS, 2, origin="a._vxi-11._tcp.local.")
+    assert event.topic == DISAPPEARED
+
+
+def test_two_identities_at_one_address_keep_anonymous_resources_apart() -> None:
+    # A LAN/GPIB gateway: one address, several instruments.
+    inv = Inventory()
+    inv.observe(mdns("TCPIP0::10.0.0.5::gpib0,1::INSTR", "vxi11", "a", {"manufacturer": "A", "serial": "1"}))
+    inv.observe(mdns("TCPIP0::10.0.0.5::gpib0,2::INSTR", "vxi11", "b", {"manufacturer": "B", "serial": "2"}))
+    inv.observe(bcast())
+    keys = [i["key"] for i in inv.instruments()]
+    assert keys == ["addr:10.0.0.5/vxi11", "id:a:1", "id:b:2"]
+
+
+def test_unidentified_resources_are_keyed_by_address_and_protocol() -> None:
+    inv = Inventory()
+    inv.observe(bcast())
+    inv.observe(mdns(SOCKET, "socket", "s", metadata={"model": "X"}))
+    assert [i["key"] for i in inv.instruments()] == ["addr:10.0.0.5/socket", "addr:10.0.0.5/vxi11"]
+
+
+def test_address_change_of_an_mdns_record_is_one_changed_event() -> None:
+    inv = Inventory()
+    inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    moved = "TCPIP0::10.0.0.9::hislip0::INSTR"
+    (event,) = inv.observe(mdns(moved, "hislip", "a._hislip._tcp.local.", address="10.0.0.9", t=5.0))
+    assert event.topic == CHANGED
+    assert event.data["changes"] == ["resources", "address"]
+    assert event.data["previous"] == {"resources": [HISLIP], "address": "10.0.0.5"}
+    assert event.data["address"] == "10.0.0.9"
+    assert inv.resources() == [moved]
+
+
+def test_metadata_change_is_a_changed_event() -> None:
+    inv = Inventory()
+    inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local."))
+    upgraded = dict(ACME, firmware="2.0")
+    (event,) = inv.observe(mdns(HISLIP, "hislip", "a._hislip._tcp.local.", metadata=upgraded))
+    assert event.topic == CHANGED
+    assert event.data["changes"] == ["metadata"]
+    assert event.data["previous"]["metadata"]["firmware"] == "1.0"
+    assert event.data["metadata"]["firmware"] == "2.0"
+
+
+def test_identify_hook_result_groups_and_outranks_txt() -> None:
+    inv = Inventory()
+    inv.observe(bcast())
+    assert inv.needs_identity(VXI)
+    (event,) = inv.identify(VXI, metadata_from_idn("ACME,SIM-1,0001,1.0\n"), 1.0)
+    assert event.topic == CHANGED
+    assert event.data["key"] == "id:acme:0001"
+    assert event.data["previous_keys"] == ["addr:10.0.0.5/vxi11"]
+    assert not inv.needs_identity(VXI)
+    (event,) = inv.observe(mdns(HISLIP, "hislip", "h", metadata=dict(ACME, model="TXT-SAYS-SO")))
+    assert event.data["resources"] == [HISLIP, VXI]
+    assert event.data["metadata"]["model"] == "SIM-1"  # an *IDN? answer outranks any TXT record
+    assert inv.identify("TCPIP0::10.9.9.9::INSTR", ACME, 2.0) == []  # unknown resource: ignored
+
+
+def test_disappearance_of_the_last_resource_reports_the_whole_instrument() -> None:
+    inv = Inventory(misses=1)
+    inv.observe(mdns(HISLIP, "hislip", "h"))
+    inv.observe(bcast())
+    inv.end_round(Source.BROADCAST, 0)
+    (event,) = inv.end_round(Source.BROADCAST, 1)
+    assert event.topic == CHANGED and event.data["resources"] == [HISLIP]
+    (event,) = inv.withdraw(Source.MDNS, 2, origin="h")
+    assert event.topic == DISAPPEARED
+    assert event.data["resources"] == [HISLIP]
+    assert event.data["metadata"] == ACME
+
+
+def test_metadata_from_idn_tolerates_short_and_blank_answers() -> None:
+    assert metadata_from_idn("ACME,SIM-1") == {"manufacturer": "ACME", "model": "SIM-1"}
+    assert metadata_from_idn(" ,X, ,") == {"model": "X"}
+    assert metadata_from_idn("") == {}
+
+
+def test_misses_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="misses"):
+        Inventory(misses=0)

@@ -1,0 +1,248 @@
+"""mDNS / DNS-SD browsing for LXI instruments (python-zeroconf), bound to the configured interfaces.
+
+`record_to_resource` is the pure part: one resolved service record → canonical resource + metadata, or
+None (with a log line) when the record cannot name a usable resource. `MdnsBrowser` is the I/O part:
+browses the LXI service types and reports found/updated/removed (goodbye or expired) records through a
+callback. Liveness of known records between announcements is `mdns_probe.MdnsProber`'s job.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from zeroconf import Error as ZeroconfError
+from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+
+from visabus.sdk.errors import InvalidResourceName
+from visabus.sdk.resources import Protocol, Resource
+
+log = structlog.get_logger(__name__)
+
+HISLIP_TYPE = "_hislip._tcp.local."
+VXI11_TYPE = "_vxi-11._tcp.local."
+SCPI_RAW_TYPE = "_scpi-raw._tcp.local."
+LXI_TYPE = "_lxi._tcp.local."
+VICP_TYPE = "_vicp._tcp.local."
+SERVICE_TYPES = (HISLIP_TYPE, VXI11_TYPE, SCPI_RAW_TYPE, LXI_TYPE, VICP_TYPE)
+PORTMAPPER_PORT = 111
+# An `_lxi._tcp` record from these makers is a scope that speaks VICP on its default port.
+VICP_MANUFACTURERS = ("lecroy", "teledyne")
+# LXI TXT keys (case-insensitive) → our metadata fields.
+TXT_KEYS = {"manufacturer": "manufacturer", "model": "model", "serialnumber": "serial", "firmwareversion": "firmware"}
+
+# (host, portmapper port) → VXI-11 core port, or None when the portmapper does not answer.
+CorePortLookup = Callable[[str, int], "int | None"]
+
+
+@dataclass(frozen=True)
+class MdnsRecord:
+    name: str  # service instance name, lower case: the record's identity across updates
+    service_type: str
+    resource: str
+    protocol: str
+    address: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def txt_metadata(properties: Mapping[Any, Any], name: str = "") -> dict[str, str]:
+    """LXI TXT keys → metadata. Keys without a value, undecodable or non-text values are left out."""
+    metadata: dict[str, str] = {}
+    for raw_key, raw_value in properties.items():
+        try:
+            key = raw_key.decode("utf-8") if isinstance(raw_key, bytes) else str(raw_key)
+        except UnicodeDecodeError:
+            log.info("discovery.mdns_bad_txt_key", service=name, key=repr(raw_key))
+            continue
+        target = TXT_KEYS.get(key.strip().casefold())
+        if target is None:
+            continue
+        if raw_value is None:
+            log.info("discovery.mdns_txt_without_value", service=name, key=key)
+            continue
+        if isinstance(raw_value, bytes):
+            value = raw_value.decode("utf-8", errors="replace")
+        elif isinstance(raw_value, str):
+            value = raw_value
+        else:
+            log.info("discovery.mdns_bad_txt_value", service=name, key=key, value=repr(raw_value))
+            continue
+        if value.strip():
+            metadata[target] = value.strip()
+    return metadata
+
+
+def _pick_address(addresses: Sequence[str], networks: Sequence[ipaddress.IPv4Network]) -> str | None:
+    """The first IPv4 address, preferring one on a configured interface's network."""
+    valid: list[ipaddress.IPv4Address] = []
+    for text in addresses:
+        try:
+            valid.append(ipaddress.IPv4Address(text))
+        except ValueError:
+            continue
+    for addr in valid:
+        if any(addr in net for net in networks):
+            return str(addr)
+    return str(valid[0]) if valid else None
+
+
+def record_to_resource(
+    service_type: str,
+    name: str,
+    addresses: Sequence[str],
+    port: int | None,
+    properties: Mapping[Any, Any] | None,
+    *,
+    networks: Sequence[ipaddress.IPv4Network] = (),
+    core_port_lookup: CorePortLookup | None = None,
+) -> MdnsRecord | None:
+    """Map one resolved DNS-SD record to a canonical resource. None (logged) when it names none."""
+    service_type = service_type.lower()
+    key = name.lower()
+    if not isinstance(port, int) or not 0 < port < 65536:
+        log.info("discovery.mdns_bad_port", service=name, port=port)
+        return None
+    address = _pick_address(addresses, networks)
+    if address is None:
+        log.info("discovery.mdns_no_ipv4_address", service=name, addresses=list(addresses))
+        return None
+    metadata = txt_metadata(properties or {}, name)
+    try:
+        if service_type == HISLIP_TYPE:
+            resource = Resource(Protocol.HISLIP, address, 0, "hislip0", port)
+        elif service_type == SCPI_RAW_TYPE:
+            resource = Resource(Protocol.SOCKET, address, 0, "", port)
+        elif service_type == VICP_TYPE:
+            resource = Resource(Protocol.VICP, address, 0, "", port)
+        elif service_type == LXI_TYPE:
+            maker = metadata.get("manufacturer", "").casefold()
+            if not maker:
+                log.info("discovery.mdns_lxi_without_manufacturer", service=name)
+                return None
+            if not any(m in maker for m in VICP_MANUFACTURERS):
+                log.debug("discovery.mdns_lxi_not_vicp", service=name, manufacturer=metadata["manufacturer"])
+                return None
+            resource = Resource(Protocol.VICP, address, 0, "", None)  # SRV port is the web server's
+        elif service_type == VXI11_TYPE:
+            core_port: int | None = None
+            if port != PORTMAPPER_PORT:
+                # The SRV port is the portmapper's; off 111 the resource must name the core port itself.
+                core_port = core_port_lookup(address, port) if core_port_lookup else None
+                if core_port is None:
+                    log.info("discovery.mdns_vxi11_core_port_unknown", service=name, address=address, port=port)
+                    return None
+            resource = Resource(Protocol.VXI11, address, 0, "inst0", core_port)
+        else:
+            log.debug("discovery.mdns_unknown_type", service=name, type=service_type)
+            return None
+        canonical = resource.canonical
+    except (InvalidResourceName, ValueError) as exc:
+        log.info("discovery.mdns_bad_record", service=name, error=str(exc))
+        return None
+    return MdnsRecord(key, service_type, canonical, resource.protocol.value, address, metadata)
+
+
+@dataclass(frozen=True)
+class MdnsFound:
+    record: MdnsRecord
+
+
+@dataclass(frozen=True)
+class MdnsGone:
+    name: str
+    service_type: str
+
+
+MdnsUpdate = MdnsFound | MdnsGone
+
+
+class MdnsBrowser:
+    """Browse the LXI service types on the given IPv4 addresses; report through `sink` (called from
+    zeroconf's browser thread)."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        sink: Callable[[MdnsUpdate], None],
+        *,
+        networks: Sequence[ipaddress.IPv4Network] = (),
+        core_port_lookup: CorePortLookup | None = None,
+        resolve_timeout_s: float = 1.5,
+        service_types: Sequence[str] = SERVICE_TYPES,
+    ) -> None:
+        if not addresses:
+            raise ValueError("mDNS browsing needs at least one interface address")
+        self.addresses = list(addresses)
+        self._sink = sink
+        self._networks = list(networks)
+        self._core_port_lookup = core_port_lookup
+        self._resolve_timeout_ms = int(resolve_timeout_s * 1000)
+        self._service_types = list(service_types)
+        self._records: dict[str, MdnsRecord] = {}
+        self._lock = threading.Lock()
+        self._zc: Zeroconf | None = None
+        self._browser: ServiceBrowser | None = None
+
+    def start(self) -> None:
+        self._zc = Zeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
+        self._browser = ServiceBrowser(self._zc, self._service_types, handlers=[self._on_change])
+        log.info("discovery.mdns_browsing", interfaces=self.addresses, types=self._service_types)
+
+    def stop(self) -> None:
+        if self._browser is not None:
+            self._browser.cancel()
+            self._browser = None
+        if self._zc is not None:
+            self._zc.close()
+            self._zc = None
+
+    def records(self) -> list[MdnsRecord]:
+        with self._lock:
+            return list(self._records.values())
+
+    # --------------------------------------------------------------- browser thread
+    def _on_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        try:
+            self._handle_change(zeroconf, service_type, name, state_change)
+        except (ZeroconfError, ValueError, UnicodeError, OSError) as exc:
+            log.warning("discovery.mdns_record_failed", service=name, error=repr(exc))
+
+    def _handle_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        key = name.lower()
+        if state_change is ServiceStateChange.Removed:
+            with self._lock:
+                known = self._records.pop(key, None)
+            if known is not None:
+                self._sink(MdnsGone(key, service_type))
+            return
+        info = zeroconf.get_service_info(service_type, name, timeout=self._resolve_timeout_ms)
+        if info is None:
+            log.info("discovery.mdns_unresolved", service=name)
+            return
+        record = record_to_resource(
+            service_type,
+            name,
+            info.parsed_addresses(IPVersion.V4Only),
+            info.port,
+            info.properties,
+            networks=self._networks,
+            core_port_lookup=self._core_port_lookup,
+        )
+        with self._lock:
+            previous = self._records.get(key)
+            if record is None:
+                self._records.pop(key, None)
+            else:
+                self._records[key] = record
+        if record is not None:
+            self._sink(MdnsFound(record))
+        elif previous is not None:
+            self._sink(MdnsGone(key, service_type))

@@ -1,0 +1,349 @@
+"""The worker's executor thread: owns the instrument session and runs operations one at a time.
+
+Replies go out through a PUSH socket to the control thread. Reads stream as chunks, each one spending a
+credit the client returns as it consumes them, so a slow client bounds this process's memory.
+While the instrument is unreachable the executor retries with exponential backoff and reports the
+state (connecting -> ready -> lost -> ready ...).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+import zmq
+
+from visabus.sdk import schema
+from visabus.sdk.errors import (
+    Aborted,
+    ConnectionLost,
+    InvalidParameter,
+    NotSupported,
+    ResourceNotFound,
+    StatusCode,
+    VisaBusError,
+    VisaTimeout,
+)
+from visabus.sdk.transport import STREAM_HWM, make_socket
+
+from .protocols.errors import ProtocolError
+from .reader import ReadResult, read_block, read_message
+from .sessions.base import Session
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 10.0
+OPEN_TIMEOUT_S = 5.0
+TRANSACTION_READ_LIMIT = 64 << 20  # transaction results are buffered, so bound them
+
+
+@dataclass
+class Job:
+    header: dict[str, Any]
+    frames: list[Any] = field(default_factory=list)
+
+
+class _Credit:
+    """Stream credit for the running request, refilled by the control thread."""
+
+    def __init__(self, initial: int) -> None:
+        self._cond = threading.Condition()
+        self._n = initial
+        self.cancelled = False
+
+    def add(self, n: int) -> None:
+        with self._cond:
+            self._n += n
+            self._cond.notify_all()
+
+    def cancel(self) -> None:
+        with self._cond:
+            self.cancelled = True
+            self._cond.notify_all()
+
+    def take(self, timeout: float | None) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._n > 0 or self.cancelled, timeout):
+                raise VisaTimeout("the client stopped accepting stream data (no credit returned within the timeout)")
+            if self.cancelled:
+                raise Aborted("request cancelled")
+            self._n -= 1
+
+
+class Executor(threading.Thread):
+    def __init__(self, session: Session, jobs: queue.Queue[Job | None], ctx: zmq.Context, outbox: str,
+                 stop: threading.Event) -> None:
+        super().__init__(name="worker-executor", daemon=True)
+        self.session = session
+        self.jobs = jobs
+        self.ctx = ctx
+        self.outbox = outbox
+        self.stop = stop
+        self.state = "connecting"
+        self.state_detail = ""
+        self.state_changed = threading.Event()
+        self._out: zmq.Socket | None = None
+        self._current: int | None = None
+        self._credit: _Credit | None = None
+        self._guard = threading.Lock()
+        self._backoff = BACKOFF_FIRST_S
+        self._next_attempt = 0.0
+        self.res = session.resource.canonical
+
+    # --------------------------------------------------------------- called from other threads
+    def add_credit(self, bid: Any, n: int) -> None:
+        with self._guard:
+            if bid == self._current and self._credit is not None:
+                self._credit.add(max(0, min(n, schema.MAX_CREDIT)))
+
+    def cancel(self, bid: Any) -> None:
+        with self._guard:
+            if bid != self._current:
+                return
+            if self._credit is not None:
+                self._credit.cancel()
+        threading.Thread(target=self._abort_quietly, daemon=True, name="worker-abort").start()
+
+    def _abort_quietly(self) -> None:
+        try:
+            self.session.abort()
+        except VisaBusError as exc:
+            log.info("worker.abort_failed", resource=self.res, error=exc.message)
+
+    def run_clear(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Device clear, run on a control-side thread; a read blocked in the executor fails with ABORT."""
+        try:
+            self.session.clear()
+            return schema.reply(header, 0, op="reply", more=False)
+        except VisaBusError as exc:
+            if isinstance(exc, (ConnectionLost, ResourceNotFound)):
+                self._set_state("lost", exc.message)
+            return schema.error_reply(header, exc.code, exc.message, op="reply")
+
+    # --------------------------------------------------------------- the executor thread
+    def run(self) -> None:
+        self._out = make_socket(self.ctx, zmq.PUSH, connect=self.outbox, hwm=STREAM_HWM)
+        self._try_open(OPEN_TIMEOUT_S)
+        try:
+            while not self.stop.is_set():
+                wait = 0.5 if self.session.connected else max(0.01, min(0.5, self._next_attempt - time.monotonic()))
+                try:
+                    job = self.jobs.get(timeout=wait)
+                except queue.Empty:
+                    if not self.session.connected and time.monotonic() >= self._next_attempt:
+                        self._try_open(OPEN_TIMEOUT_S)
+                    continue
+                if job is None:
+                    return
+                self._execute(job)
+        finally:
+            self._out.close(linger=500)
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            self.state, self.state_detail = state, detail
+            self.state_changed.set()
+            log.info("worker.state", resource=self.res, state=state, detail=detail)
+
+    def _try_open(self, timeout: float) -> bool:
+        try:
+            self.session.open(timeout)
+        except VisaBusError as exc:
+            self._next_attempt = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
+            self._set_state("lost" if self.state != "connecting" else "connecting", exc.message)
+            return False
+        self._backoff = BACKOFF_FIRST_S
+        try:
+            self.session.enable_srq(self._on_srq)
+        except VisaBusError:
+            pass  # protocol without service requests
+        self._set_state("ready")
+        return True
+
+    def _mark_lost(self, why: str) -> None:
+        self.session.close()
+        self._next_attempt = time.monotonic() + self._backoff
+        self._set_state("lost", why)
+
+    def _on_srq(self, stb: int) -> None:
+        push = make_socket(self.ctx, zmq.PUSH, connect=self.outbox)
+        try:
+            push.send(schema.pack({"v": schema.VERSION, "op": "event", "topic": f"srq.{self.res}",
+                                   "data": {"res": self.res, "stb": int(stb)}}))
+        finally:
+            push.close(linger=1000)
+
+    def _send(self, header: dict[str, Any], frames: list[Any] = ()) -> None:  # type: ignore[assignment]
+        assert self._out is not None
+        self._out.send_multipart([schema.pack(header), *frames], copy=False)
+
+    def _execute(self, job: Job) -> None:
+        header = job.header
+        bid = header.get("id")
+        timeout_ms = header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS)
+        timeout = None if timeout_ms is None else timeout_ms / 1000.0
+        with self._guard:
+            self._current = bid
+            self._credit = _Credit(max(1, min(int(header.get("credit") or schema.DEFAULT_CREDIT), schema.MAX_CREDIT)))
+        try:
+            if not self.session.connected and not self._try_open(min(timeout or OPEN_TIMEOUT_S, OPEN_TIMEOUT_S)):
+                raise ConnectionLost(f"{self.res}: instrument not reachable ({self.state_detail}); "
+                                     f"retrying every {self._backoff:.1f}s")
+            handler = getattr(self, f"_op_{header['op']}", None)
+            if handler is None:
+                raise NotSupported(f"operation {header['op']!r} is not supported by this worker")
+            handler(job, timeout)
+        except VisaBusError as exc:
+            if isinstance(exc, ConnectionLost):
+                self._mark_lost(exc.message)
+            self._send(schema.error_reply(header, exc.code, exc.message, op="reply"))
+        except ProtocolError as exc:
+            self._mark_lost(str(exc))
+            self._send(schema.error_reply(header, exc.code, f"{self.res}: protocol error: {exc}", op="reply"))
+        except Exception as exc:  # a driver bug must not take the worker (and its instrument) down
+            log.exception("worker.driver_bug", resource=self.res, op=header.get("op"))
+            self._send(schema.error_reply(header, StatusCode.VI_ERROR_SYSTEM_ERROR,
+                                          f"{self.res}: internal error in the driver: {exc!r}", op="reply"))
+        finally:
+            with self._guard:
+                self._current, self._credit = None, None
+
+    # --------------------------------------------------------------- operations
+    def _op_write(self, job: Job, timeout: float | None) -> None:
+        count = self.session.write(job.frames[0].buffer, timeout)
+        self._send(schema.reply(job.header, 0, op="reply", more=False, count=count))
+
+    def _op_read(self, job: Job, timeout: float | None) -> None:
+        self._stream_read(job.header, timeout)
+
+    def _op_query(self, job: Job, timeout: float | None) -> None:
+        self.session.write(job.frames[0].buffer, timeout)
+        delay = job.header.get("delay_ms")
+        if delay:
+            time.sleep(delay / 1000.0)  # the caller asked for a query delay (VISA query_delay)
+        self._stream_read(job.header, timeout)
+
+    def _op_read_stb(self, job: Job, timeout: float | None) -> None:
+        self._send(schema.reply(job.header, 0, op="reply", more=False, stb=self.session.read_stb()))
+
+    def _op_trigger(self, job: Job, timeout: float | None) -> None:
+        self.session.trigger()
+        self._send(schema.reply(job.header, 0, op="reply", more=False))
+
+    def _op_clear(self, job: Job, timeout: float | None) -> None:
+        self.session.clear()
+        self._send(schema.reply(job.header, 0, op="reply", more=False))
+
+    def _op_remote(self, job: Job, timeout: float | None) -> None:
+        self.session.remote()
+        self._send(schema.reply(job.header, 0, op="reply", more=False))
+
+    def _op_local(self, job: Job, timeout: float | None) -> None:
+        self.session.local()
+        self._send(schema.reply(job.header, 0, op="reply", more=False))
+
+    def _op_get_attr(self, job: Job, timeout: float | None) -> None:
+        name = job.header["name"]
+        attrs = self.session.attributes
+        if hasattr(attrs, name) and name != "extra":
+            value = getattr(attrs, name)
+        elif name in attrs.extra:
+            value = attrs.extra[name]
+        else:
+            raise NotSupported(f"{self.res}: unknown attribute {name!r}")
+        self._send(schema.reply(job.header, 0, op="reply", more=False, value=value))
+
+    def _op_set_attr(self, job: Job, timeout: float | None) -> None:
+        self.session.set_attribute(job.header["name"], job.header.get("value"))
+        self._send(schema.reply(job.header, 0, op="reply", more=False))
+
+    def _op_transaction(self, job: Job, timeout: float | None) -> None:
+        results: list[dict[str, Any]] = []
+        frames: list[Any] = []
+        for index, step in enumerate(job.header["steps"]):
+            if not isinstance(step, dict) or step.get("op") not in schema.TRANSACTION_STEP_OPS:
+                raise InvalidParameter(f"transaction step {index} is not one of {sorted(schema.TRANSACTION_STEP_OPS)}")
+            try:
+                results.append(self._run_step(step, job.frames, frames, timeout))
+            except VisaBusError as exc:
+                results.append({"op": step["op"], "status": int(exc.code), "name": exc.name, "msg": exc.message})
+                self._send(schema.error_reply(job.header, exc.code, f"transaction step {index} ({step['op']}): "
+                                              f"{exc.message}", op="reply", results=results), frames)
+                if isinstance(exc, ConnectionLost):
+                    self._mark_lost(exc.message)
+                return
+        self._send(schema.reply(job.header, 0, op="reply", more=False, results=results), frames)
+
+    def _run_step(self, step: dict[str, Any], inputs: list[Any], outputs: list[Any], timeout: float | None) -> dict[str, Any]:
+        op = step["op"]
+        result: dict[str, Any] = {"op": op, "status": 0}
+        if op in ("write", "query"):
+            index = step.get("data", 0)
+            if not isinstance(index, int) or not 0 <= index < len(inputs):
+                raise InvalidParameter(f"transaction {op} step names data frame {index!r}, which was not sent")
+            result["count"] = self.session.write(inputs[index].buffer, timeout)
+        if op in ("read", "query"):
+            parts: list[memoryview] = []
+            size = [0]
+
+            def collect(view: memoryview) -> None:
+                size[0] += len(view)
+                if size[0] > TRANSACTION_READ_LIMIT:
+                    raise InvalidParameter(f"transaction reads are limited to {TRANSACTION_READ_LIMIT} bytes; "
+                                           "stream large data with a plain read")
+                parts.append(view)
+
+            read = self._read_with(collect, step, timeout)
+            outputs.append(b"".join(parts))
+            result.update(frame=len(outputs) - 1, count=read.count, read_status=int(read.status))
+        elif op == "read_stb":
+            result["stb"] = self.session.read_stb()
+        elif op == "trigger":
+            self.session.trigger()
+        elif op == "clear":
+            self.session.clear()
+        return result
+
+    def _read_with(self, emit: Any, header: dict[str, Any], timeout: float | None,
+                   announce: Any = None) -> ReadResult:
+        term = header.get("term")
+        chunk = max(4096, min(int(header.get("chunk") or schema.DEFAULT_CHUNK), schema.MAX_CHUNK))
+        if header.get("block"):
+            return read_block(self.session, emit, timeout=timeout, term_char=term, chunk=chunk,
+                              has_end=self.session.resource.protocol.value != "socket", announce=announce)
+        return read_message(self.session, emit, timeout=timeout, term_char=term, count=header.get("count"), chunk=chunk)
+
+    def _stream_read(self, header: dict[str, Any], timeout: float | None) -> None:
+        """Stream the response; one chunk is held back so the last one travels with the final status."""
+        held: list[memoryview] = []
+        seq = [0]
+        total: list[int | None] = [None]
+        credit = self._credit
+        assert credit is not None
+
+        def announce(n: int) -> None:
+            total[0] = n
+
+        def emit(view: memoryview) -> None:
+            if held:
+                credit.take(timeout)
+                self._send(schema.reply(header, 0, op="reply", more=True, seq=seq[0], total=total[0]), held)
+                seq[0] += 1
+                held.clear()
+            held.append(view)
+
+        try:
+            result = self._read_with(emit, header, timeout, announce)
+        except VisaBusError:
+            if held and not credit.cancelled:
+                credit.take(timeout)
+                self._send(schema.reply(header, 0, op="reply", more=True, seq=seq[0], total=total[0]), held)
+            raise
+        self._send(schema.reply(header, int(result.status), op="reply", more=False, seq=seq[0], count=result.count,
+                                end=result.end, block_len=result.block_len, total=total[0]), held)
