@@ -15,6 +15,7 @@ overlapped server.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -261,7 +262,7 @@ class HislipServer(InstrumentServer):
             while (message := self._read(stream, link, Channel.SYNC)) is not None:
                 if message.type in (h.MessageType.DATA, h.MessageType.DATA_END, h.MessageType.TRIGGER):
                     self._wait_for_access(session)
-                for ticket in self._apply(lambda m=message: session.receive_sync(m)):
+                for ticket in self._apply(functools.partial(session.receive_sync, message)):
                     self._respond(link, stream, session, ticket)
                 if session.closed:
                     return
@@ -314,7 +315,7 @@ class HislipServer(InstrumentServer):
             return
         try:
             while (message := self._read(stream, link, Channel.ASYNC)) is not None:
-                self._apply(lambda m=message: session.receive_async(m, time.monotonic()))
+                self._apply(functools.partial(session.receive_async, message, time.monotonic()))
                 if session.closed:
                     return
         finally:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import structlog
 
@@ -261,14 +261,14 @@ class ServerSession:
     def _on_status_query(self, message: h.Message, now: float) -> list[Action]:
         self.device.remote_local.touch()
         quoted = message.message_id
+        if message.rmt_delivered:  # the client consumed the last response: MAV clears first
+            self._mav = False
+            self._rmt_expected = False
         if self.overlapped:
             mav = self._responding or (self._last_end_sent is not None and quoted != self._last_end_sent)
         else:
             # A query that overtook a sync message (quoted id not yet received) reports MAV false.
             mav = self._mav and quoted == self.last_received_id
-        if message.rmt_delivered:
-            self._mav = False
-            self._rmt_expected = False
         status = self.engine.serial_poll() | (STB_MAV if mav else 0)
         return [self._out(Channel.ASYNC, h.async_status_response(status))]
 
@@ -334,7 +334,7 @@ class ServerSession:
     def _on_async_initialize(self, message: h.Message, now: float) -> list[Action]:
         return self._fatal(Channel.ASYNC, h.FatalErrorCode.INVALID_INITIALIZATION, "session already initialized")
 
-    _ASYNC_HANDLERS: dict[h.MessageType, Callable[[ServerSession, h.Message, float], list[Action]]] = {
+    _ASYNC_HANDLERS: ClassVar[dict[h.MessageType, Callable[[ServerSession, h.Message, float], list[Action]]]] = {
         h.MessageType.ASYNC_MAXIMUM_MESSAGE_SIZE: _on_max_size,
         h.MessageType.ASYNC_STATUS_QUERY: _on_status_query,
         h.MessageType.ASYNC_LOCK: _on_lock,

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from visabus.sdk.errors import (
-    Aborted,
     ConnectionLost,
     InvalidParameter,
-    IOFailure,
     ResourceBusy,
     ResourceLocked,
     ResourceNotFound,
@@ -168,8 +166,12 @@ class HislipSession(Session):
         if async_sock is not None:
             async_sock.close()
         if sync is not None:
-            with self._sync_lock if self._sync_lock.acquire(timeout=2.0) else _Unlocked():
+            took = self._sync_lock.acquire(timeout=2.0)  # let an aborted executor call leave first
+            try:
                 sync.close()
+            finally:
+                if took:
+                    self._sync_lock.release()
         self._sync = self._async = None
         self._reader = None
 
@@ -405,7 +407,6 @@ class HislipSession(Session):
             with self._state_lock:
                 complete = self._proto.receive_async_device_clear_acknowledge(ack)
             if self._owed:  # finish the partly sent message: the server is discarding sync input now
-                self._send_sync(sync, h.Message(_MT.DATA, 0, 0, b""), deadline, generation) if False else None
                 zeros = memoryview(bytes(self._owed))
                 sync.send([zeros], deadline, generation, self._owed_progress)
             self._send_sync(sync, complete, deadline, generation)
@@ -651,7 +652,7 @@ class HislipSession(Session):
                 continue
             try:
                 handler(status)
-            except Exception:  # a failing user handler must not kill SRQ delivery
+            except Exception:  # noqa: BLE001 - a failing user handler must not stop SRQ delivery
                 self._log.exception("hislip.srq_handler_failed", status=status)
 
     def set_attribute(self, name: str, value: object) -> None:
@@ -666,16 +667,3 @@ class HislipSession(Session):
             request = self._proto.maximum_message_size(self._wanted_max_size())
             reply = self._async_call(request, _MT.ASYNC_MAXIMUM_MESSAGE_SIZE_RESPONSE, self.attributes.timeout)
             self._proto.receive_maximum_message_size_response(reply)
-
-
-class _Unlocked:
-    """Stand-in context manager when the sync lock could not be taken during close()."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-__all__ = ["HislipSession", "Aborted", "IOFailure"]
