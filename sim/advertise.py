@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Mapping
+from typing import Self
 
 import structlog
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
@@ -99,7 +100,7 @@ class Advertiser:
             )
         return infos
 
-    def start(self) -> Advertiser:
+    def start(self) -> Self:
         """Register every service (probing for name conflicts, renaming on one); returns once announced."""
         zc = Zeroconf(interfaces=[self.address], ip_version=IPVersion.V4Only)
         self._zc = zc
@@ -130,7 +131,7 @@ class Advertiser:
         zc.close()
         log.info("sim.advertisement_withdrawn", address=self.address)
 
-    def __enter__(self) -> Advertiser:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

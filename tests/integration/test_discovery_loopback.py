@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
 from visabus.workers.discovery import DiscoveryConfig, DiscoveryService, resolve_interfaces
 from visabus.workers.discovery.interfaces import Interface
 from visabus.workers.discovery.vxi11_scan import BroadcastScanner
@@ -169,7 +168,7 @@ def test_loopback_instrument_appears_disappears_and_reappears(sims: list[Sim]) -
         mark = len(events.items)
         sim.kill(signal.SIGKILL)
         killed_at = time.monotonic()
-        index, gone_at, data = events.wait_for(
+        _, gone_at, data = events.wait_for(
             "disappearance", lambda t, d: t == "instrument.disappeared" and d["key"] == ours, 10, since=mark
         )
         assert data["reason"] == "missed"
@@ -183,7 +182,7 @@ def test_loopback_instrument_appears_disappears_and_reappears(sims: list[Sim]) -
         mark = len(events.items)
         sim.start()
         _, _, data = events.wait_for(
-            "reappearance", lambda t, d: t == "instrument.appeared" and set(d["resources"]) & sim.resources, 4,
+            "reappearance", lambda t, d: t == "instrument.appeared" and bool(set(d["resources"]) & sim.resources), 4,
             since=mark,
         )
         if data["key"] != ours:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import pytest
-
 from visabus.workers.discovery.inventory import (
     APPEARED,
     CHANGED,
@@ -240,3 +239,19 @@ def test_metadata_from_idn_tolerates_short_and_blank_answers() -> None:
 def test_misses_must_be_positive() -> None:
     with pytest.raises(ValueError, match="misses"):
         Inventory(misses=0)
+
+
+def test_adopted_identity_sticks_when_the_identified_records_say_goodbye() -> None:
+    inv = Inventory(misses=2)
+    inv.observe(mdns(HISLIP, "hislip", "h"))
+    inv.observe(bcast())
+    (event,) = inv.withdraw(Source.MDNS, 5.0, origin="h")
+    assert event.topic == CHANGED
+    assert event.data["key"] == "id:acme:0001"  # the VXI-11 responder is still that instrument
+    assert event.data["resources"] == [VXI]
+    assert event.data["metadata"] == ACME
+    assert event.data["previous"] == {"resources": [HISLIP, VXI]}
+    inv.end_round(Source.BROADCAST, 6.0)
+    inv.end_round(Source.BROADCAST, 7.0)
+    (event,) = inv.end_round(Source.BROADCAST, 8.0)
+    assert (event.topic, event.data["key"], event.data["reason"]) == (DISAPPEARED, "id:acme:0001", "missed")

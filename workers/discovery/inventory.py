@@ -15,7 +15,8 @@ Inputs (each returns the events it caused, in order):
 Resources are grouped into instruments. A resource whose metadata names manufacturer and serial belongs to
 the instrument with that identity; a resource without identity joins the one identified instrument at the
 same address if there is exactly one (a VXI-11 broadcast reply carries no identity, the mDNS record of the
-same box does); otherwise it is an instrument of its own, keyed by address and protocol.
+same box does) and keeps that identity while it lives; otherwise it is an instrument of its own, keyed by
+address and protocol.
 
 After each input the grouping is recomputed and compared with the previous one:
 
@@ -115,22 +116,21 @@ class _Entry:
     protocol: str
     address: str
     presence: dict[str, _Presence] = field(default_factory=dict)
-    identified: dict[str, str] = field(default_factory=dict)
+    identified: dict[str, str] = field(default_factory=dict)  # from *IDN?
+    adopted: dict[str, str] = field(default_factory=dict)  # from the identified instrument at this address
 
-    def metadata(self) -> dict[str, str]:
-        merged: dict[str, str] = {}
-        for layer in _layers([self]):
-            for name, value in layer.items():
-                merged.setdefault(name, value)
-        return merged
+    def metadata(self, own: bool = False) -> dict[str, str]:
+        return _merge(_layers([self], own=own))
 
 
 def _source_rank(source: str) -> int:
     return _METADATA_PRIORITY.index(source) if source in _METADATA_PRIORITY else len(_METADATA_PRIORITY)
 
 
-def _layers(entries: list[_Entry]) -> Iterable[Mapping[str, str]]:
-    """Metadata of a group's resources, best source first: every *IDN? answer before any TXT record."""
+def _layers(entries: Iterable[_Entry], own: bool = False) -> Iterable[Mapping[str, str]]:
+    """Metadata of a group's resources, best source first: every *IDN? answer before any TXT record,
+    and what a resource adopted from its address's instrument last (unless `own`)."""
+    entries = list(entries)
     for entry in entries:
         yield entry.identified
     sources = sorted({s for e in entries for s in e.presence}, key=_source_rank)
@@ -138,6 +138,17 @@ def _layers(entries: list[_Entry]) -> Iterable[Mapping[str, str]]:
         for entry in entries:
             if source in entry.presence:
                 yield entry.presence[source].metadata
+    if not own:
+        for entry in entries:
+            yield entry.adopted
+
+
+def _merge(layers: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            merged.setdefault(name, value)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -277,27 +288,28 @@ class Inventory:
         return [resource]
 
     def _group(self) -> dict[str, _Group]:
-        identity_of: dict[str, str | None] = {}
-        identities_at: dict[str, set[str]] = {}
-        for resource, entry in self._entries.items():
-            ident = identity_key(entry.metadata())
-            identity_of[resource] = ident
+        # Pass 1: who is identified by its own records, and which identities live at each address.
+        own_at: dict[str, dict[str, list[_Entry]]] = {}
+        for entry in self._entries.values():
+            ident = identity_key(entry.metadata(own=True))
             if ident is not None:
-                identities_at.setdefault(entry.address, set()).add(ident)
+                own_at.setdefault(entry.address, {}).setdefault(ident, []).append(entry)
+        # Pass 2: an anonymous resource adopts the one identity at its address, and keeps it (sticky) when
+        # the identified records leave first — a goodbye of the mDNS records does not make the VXI-11
+        # responder at that address anonymous.
         members: dict[str, list[_Entry]] = {}
-        for resource, entry in self._entries.items():
-            key = identity_of[resource]
-            if key is None:
-                at_address = identities_at.get(entry.address, set())
-                key = next(iter(at_address)) if len(at_address) == 1 else f"addr:{entry.address}/{entry.protocol}"
+        for entry in self._entries.values():
+            if identity_key(entry.metadata(own=True)) is None:
+                at_address = own_at.get(entry.address, {})
+                if len(at_address) == 1:
+                    (identified,) = at_address.values()
+                    entry.adopted = _merge(_layers(identified, own=True))
+            key = identity_key(entry.metadata()) or f"addr:{entry.address}/{entry.protocol}"
             members.setdefault(key, []).append(entry)
         groups: dict[str, _Group] = {}
         for key, entries in members.items():
             entries.sort(key=lambda e: (_protocol_rank(e.protocol), e.resource))
-            merged: dict[str, str] = {}
-            for layer in _layers(entries):
-                for name, value in layer.items():
-                    merged.setdefault(name, value)
+            merged = _merge(_layers(entries))
             groups[key] = _Group(
                 key=key,
                 resources=tuple(e.resource for e in entries),

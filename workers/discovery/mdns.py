@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from zeroconf import Error as ZeroconfError
-from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
-
 from visabus.sdk.errors import InvalidResourceName
 from visabus.sdk.resources import Protocol, Resource
+from zeroconf import Error as ZeroconfError
+from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
 
 log = structlog.get_logger(__name__)
 
@@ -184,6 +183,8 @@ class MdnsBrowser:
         self._service_types = list(service_types)
         self._records: dict[str, MdnsRecord] = {}
         self._lock = threading.Lock()
+        self._pending: dict[str, str] = {}  # service name → type, resolution to be retried
+        self._retrying: threading.Thread | None = None
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
 
@@ -204,6 +205,22 @@ class MdnsBrowser:
         with self._lock:
             return list(self._records.values())
 
+    def retry_pending(self) -> None:
+        """Resolve again, on a helper thread, the records whose resolution failed for a reason that may
+        pass (no answer in time, VXI-11 portmapper not answering); zeroconf reports a record only once."""
+        zc = self._zc
+        with self._lock:
+            pending = dict(self._pending)
+            busy = self._retrying is not None and self._retrying.is_alive()
+        if zc is None or not pending or busy:
+            return
+        self._retrying = threading.Thread(target=self._retry, args=(zc, pending), name="mdns-retry", daemon=True)
+        self._retrying.start()
+
+    def _retry(self, zc: Zeroconf, pending: Mapping[str, str]) -> None:
+        for name, service_type in pending.items():
+            self._on_change(zc, service_type, name, ServiceStateChange.Updated)
+
     # --------------------------------------------------------------- browser thread
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
@@ -219,6 +236,7 @@ class MdnsBrowser:
         key = name.lower()
         if state_change is ServiceStateChange.Removed:
             with self._lock:
+                self._pending.pop(key, None)
                 known = self._records.pop(key, None)
             if known is not None:
                 self._sink(MdnsGone(key, service_type))
@@ -226,6 +244,9 @@ class MdnsBrowser:
         info = zeroconf.get_service_info(service_type, name, timeout=self._resolve_timeout_ms)
         if info is None:
             log.info("discovery.mdns_unresolved", service=name)
+            with self._lock:
+                if key not in self._records:
+                    self._pending[key] = service_type
             return
         record = record_to_resource(
             service_type,
@@ -240,8 +261,12 @@ class MdnsBrowser:
             previous = self._records.get(key)
             if record is None:
                 self._records.pop(key, None)
+                # a VXI-11 record off port 111 needs its portmapper to answer: worth another try
+                if service_type.lower() == VXI11_TYPE and info.port != PORTMAPPER_PORT:
+                    self._pending[key] = service_type
             else:
                 self._records[key] = record
+                self._pending.pop(key, None)
         if record is not None:
             self._sink(MdnsFound(record))
         elif previous is not None:

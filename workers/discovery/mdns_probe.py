@@ -70,7 +70,7 @@ class MdnsProber:
         names = sorted(set(names))
         if not names:
             return
-        self._query_id = random.randint(1, 0xFFFF)  # noqa: S311 - a DNS id, not a secret
+        self._query_id = random.randint(1, 0xFFFF)
         out = DNSOutgoing(_FLAGS_QUERY, multicast=False, id_=self._query_id)
         for name in names:
             out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))

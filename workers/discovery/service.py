@@ -217,6 +217,7 @@ class DiscoveryService:
         if state.prober is not None and state.browser is not None and now >= state.next_probe_at:
             self._end_probe_round(state, state.prober, state.browser, pool)
             state.prober.send(r.name for r in state.browser.records())
+            state.browser.retry_pending()
             state.next_probe_at = max(state.next_probe_at + cfg.probe_s, now)
 
     def _end_scan_round(self, state: _Run, scanner: BroadcastScanner, pool: ThreadPoolExecutor | None) -> None:
