@@ -28,7 +28,9 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import cast
 
 import structlog
 from visabus.sdk.errors import (
@@ -93,6 +95,7 @@ class _Channel:
         self._record_size = 0
         self._max_record = MAX_CONTROL_REPLY
         self._consumed = 0  # stream bytes consumed: tells whether a timeout hit mid-reply
+        self._sending = False
 
     def close(self) -> None:
         self.broken = self.broken or "closed"
@@ -175,23 +178,47 @@ class _Channel:
         self._xid = (self._xid + 1) & 0xFFFFFFFF
         framed = rpc.frame_parts(vxi11.encode_call_parts(self._xid, proc, params))
         self.sock.settimeout(timeout)
+        self._sending = True  # a timeout now leaves half a call on the wire
         if sum(len(p) for p in framed) <= SEND_GATHER_LIMIT:
             self.sock.sendall(b"".join(framed))
         else:
             for part in framed:
                 self.sock.sendall(part)
+        self._sending = False
         return self._xid
 
     def _stale(self, xid: int, expected: int) -> bool:
+        """True for the late reply of a call we gave up on (skip it); anything else is an error."""
         if xid in self._abandoned:
             self._abandoned.discard(xid)
             return True
         raise RemoteProtocolError(f"reply xid {xid} does not match the call's xid {expected}")
 
+    @contextmanager
+    def _mapped_errors(self) -> Iterator[None]:
+        """Socket and protocol failures of one call -> VisaBusError; a stream out of step is closed."""
+        consumed = self._consumed
+        try:
+            yield
+        except TimeoutError as exc:
+            if self._sending or self._consumed != consumed:
+                self.broken = "timed out in the middle of a message"
+            else:
+                self._abandoned.add(self._xid)  # its reply may still come: skip it then
+            raise VisaTimeout(f"{self.context}: no reply from the instrument within the timeout") from exc
+        except rpc.RpcCallFailed as exc:  # a well-formed refusal: the stream is still in step
+            cls = NotSupported if exc.reply.accept_stat is rpc.AcceptStat.PROC_UNAVAIL else IOFailure
+            raise cls(f"{self.context}: {exc}") from exc
+        except RemoteProtocolError as exc:
+            self.broken = str(exc)
+            raise IOFailure(f"{self.context}: malformed reply from the instrument: {exc}") from exc
+        except OSError as exc:
+            self.broken = str(exc) or type(exc).__name__
+            raise ConnectionLost(f"{self.context}: connection to the instrument lost ({self.broken})") from exc
+
     def call(self, proc: Proc, params: vxi11._Struct, timeout: float | None) -> vxi11._Struct:
         """One RPC; the decoded result structure. Raises VisaBusError subclasses only."""
-        xid = 0
-        with self._errors(lambda: xid):
+        with self._mapped_errors():
             xid = self._send(proc, params, timeout)
             self._max_record = MAX_CONTROL_REPLY
             while True:
@@ -203,8 +230,7 @@ class _Channel:
 
     def call_read(self, params: vxi11.DeviceReadParms, dest: memoryview, timeout: float | None) -> tuple[int, int, int]:
         """device_read receiving the data straight into `dest`: (error, reason, bytes received)."""
-        xid = 0
-        with self._errors(lambda: xid):
+        with self._mapped_errors():
             xid = self._send(Proc.DEVICE_READ, params, timeout)
             self._max_record = len(dest) + 4096
             head = memoryview(bytearray(_HEAD))
@@ -222,6 +248,7 @@ class _Channel:
                     self._body_into(dest[:length])
                     self._rest_of_record()  # XDR padding, tolerated trailing bytes
                     return error, reason, length
+                # Anything unusual (a refusal, a verifier with a body): decode the whole record.
                 reply = rpc.decode_reply(bytes(head[:n]) + self._rest_of_record())
                 if reply.xid != xid and self._stale(reply.xid, xid):
                     continue
@@ -230,41 +257,6 @@ class _Channel:
                     raise RemoteProtocolError("device_read reply does not fit the request")
                 dest[: len(resp.data)] = resp.data
                 return resp.error, resp.reason, len(resp.data)
-
-    def _errors(self, current_xid: Callable[[], int]) -> _ErrorMapper:
-        return _ErrorMapper(self, current_xid)
-
-
-class _ErrorMapper:
-    """Turns socket and protocol failures of one call into VisaBusError, keeping the stream sane."""
-
-    def __init__(self, channel: _Channel, current_xid: Callable[[], int]) -> None:
-        self.channel = channel
-        self.current_xid = current_xid
-        self.consumed = channel._consumed
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        ch = self.channel
-        if exc is None or isinstance(exc, VisaBusError):
-            return
-        if isinstance(exc, TimeoutError):
-            if ch._consumed != self.consumed:  # gave up in the middle of a reply: stream out of step
-                ch.broken = "timed out in the middle of a reply"
-            elif self.current_xid():
-                ch._abandoned.add(self.current_xid())
-            raise VisaTimeout(f"{ch.context}: no reply from the instrument within the timeout") from exc
-        if isinstance(exc, rpc.RpcCallFailed):  # a well-formed refusal: the stream is still in step
-            cls = NotSupported if exc.reply.accept_stat is rpc.AcceptStat.PROC_UNAVAIL else IOFailure
-            raise cls(f"{ch.context}: {exc}") from exc
-        if isinstance(exc, RemoteProtocolError):
-            ch.broken = str(exc)
-            raise IOFailure(f"{ch.context}: malformed reply from the instrument: {exc}") from exc
-        if isinstance(exc, OSError):
-            ch.broken = str(exc) or type(exc).__name__
-            raise ConnectionLost(f"{ch.context}: connection to the instrument lost ({ch.broken})") from exc
 
 
 class _InterruptServer:
@@ -382,12 +374,12 @@ class Vxi11Session(Session):
         self._core = _Channel(sock, self._ctx)
         self._closing = False
         params = vxi11.CreateLinkParms(random.getrandbits(31), False, 0, self.resource.device.encode("ascii"))
-        resp = self._core.call(Proc.CREATE_LINK, params, _sock_timeout(timeout or CONTROL_TIMEOUT))
-        if not isinstance(resp, vxi11.CreateLinkResp) or resp.error:
-            error = resp.error if isinstance(resp, vxi11.CreateLinkResp) else vxi11.ErrorCode.IO_ERROR
+        try:
+            resp = cast(vxi11.CreateLinkResp, self._call(Proc.CREATE_LINK, params, timeout or CONTROL_TIMEOUT))
+        except VisaBusError:
             self._core.close()
             self._core = None
-            raise vxi11.vxi11_error(error, proc=Proc.CREATE_LINK, context=self._ctx)
+            raise
         self._lid = resp.lid
         self._max_recv_size = resp.max_recv_size
         if self._max_recv_size < vxi11.MIN_MAX_RECV_SIZE:  # old Infiniium firmware says 0
@@ -459,11 +451,7 @@ class Vxi11Session(Session):
                 flags = OpFlag.END if last and self.attributes.send_end else 0
                 left = deadline.left()
                 params = vxi11.DeviceWriteParms(self._lid, _ms(left), 0, flags, chunk)
-                resp = core.call(Proc.DEVICE_WRITE, params, _sock_timeout(left))
-                if not isinstance(resp, vxi11.DeviceWriteResp):  # pragma: no cover - decode_result's type
-                    raise IOFailure(f"{self._ctx}: unexpected device_write result")
-                if resp.error:
-                    raise vxi11.vxi11_error(resp.error, proc=Proc.DEVICE_WRITE, context=self._ctx)
+                resp = cast(vxi11.DeviceWriteResp, self._call(Proc.DEVICE_WRITE, params, left, channel=core))
                 if resp.size > len(chunk) or (resp.size == 0 and chunk):
                     raise IOFailure(f"{self._ctx}: device_write accepted {resp.size} of {len(chunk)} bytes")
                 total += resp.size
@@ -492,31 +480,35 @@ class Vxi11Session(Session):
         return received, False
 
     # ------------------------------------------------------------------------- control
-    def _generic(self, proc: Proc, timeout: float | None = None) -> vxi11._Struct:
-        """A Device_GenericParms call (readstb, trigger, clear, remote, local); caller holds the lock."""
-        timeout = self.attributes.timeout if timeout is None else timeout
-        params = vxi11.DeviceGenericParms(self._lid, 0, 0, _ms(timeout))
-        resp = self._channel().call(proc, params, _sock_timeout(timeout))
+    def _call(self, proc: Proc, params: vxi11._Struct, timeout: float | None, *, channel: _Channel | None = None,
+              waitlock: bool = False, accept: tuple[int, ...] = (0,)) -> vxi11._Struct:
+        """One call on the core (or given) channel; a VXI-11 error not in `accept` is raised."""
+        resp = (channel or self._channel()).call(proc, params, _sock_timeout(timeout))
         error = getattr(resp, "error", 0)
-        if error:
-            raise vxi11.vxi11_error(error, proc=proc, context=self._ctx)
+        if error not in accept:
+            raise vxi11.vxi11_error(error, proc=proc, waitlock=waitlock, context=self._ctx)
         return resp
 
-    def read_stb(self) -> int:
+    def _generic(self, proc: Proc) -> vxi11._Struct:
+        """A Device_GenericParms call (readstb, trigger, clear, remote, local); caller holds the lock."""
+        timeout = self.attributes.timeout
+        return self._call(proc, vxi11.DeviceGenericParms(self._lid, 0, 0, _ms(timeout)), timeout)
+
+    def _locked_generic(self, proc: Proc) -> vxi11._Struct:
         with self._core_lock:
-            return int(getattr(self._generic(Proc.DEVICE_READSTB), "stb", 0)) & 0xFF
+            return self._generic(proc)
+
+    def read_stb(self) -> int:
+        return cast(vxi11.DeviceReadStbResp, self._locked_generic(Proc.DEVICE_READSTB)).stb & 0xFF
 
     def trigger(self) -> None:
-        with self._core_lock:
-            self._generic(Proc.DEVICE_TRIGGER)
+        self._locked_generic(Proc.DEVICE_TRIGGER)
 
     def remote(self) -> None:
-        with self._core_lock:
-            self._generic(Proc.DEVICE_REMOTE)
+        self._locked_generic(Proc.DEVICE_REMOTE)
 
     def local(self) -> None:
-        with self._core_lock:
-            self._generic(Proc.DEVICE_LOCAL)
+        self._locked_generic(Proc.DEVICE_LOCAL)
 
     def clear(self) -> None:
         """device_clear; if another thread is blocked in a call, abort that call first."""
@@ -537,10 +529,7 @@ class Vxi11Session(Session):
         if self._abort is None:
             raise NotSupported(f"{self._ctx}: the instrument offers no VXI-11 abort channel")
         with self._abort_lock:
-            resp = self._abort.call(Proc.DEVICE_ABORT, vxi11.DeviceLink(self._lid), _sock_timeout(CONTROL_TIMEOUT))
-        error = getattr(resp, "error", 0)
-        if error:
-            raise vxi11.vxi11_error(error, proc=Proc.DEVICE_ABORT, context=self._ctx)
+            self._call(Proc.DEVICE_ABORT, vxi11.DeviceLink(self._lid), CONTROL_TIMEOUT, channel=self._abort)
 
     def lock(self, exclusive: bool, timeout: float | None) -> None:
         """Exclusive: device_lock (waitlock unless timeout is 0), nested locally. Shared locks have no
@@ -548,66 +537,50 @@ class Vxi11Session(Session):
         if not exclusive:
             return
         with self._core_lock:
-            if self._lock_depth:
-                self._lock_depth += 1
-                return
-            waitlock = timeout is None or timeout > 0
-            params = vxi11.DeviceLockParms(self._lid, OpFlag.WAITLOCK if waitlock else 0, _ms(timeout))
-            resp = self._channel().call(Proc.DEVICE_LOCK, params, _sock_timeout(timeout))
-            error = getattr(resp, "error", 0)
-            if error:
-                raise vxi11.vxi11_error(error, proc=Proc.DEVICE_LOCK, waitlock=waitlock, context=self._ctx)
-            self._lock_depth = 1
+            if self._lock_depth == 0:
+                waitlock = timeout is None or timeout > 0
+                params = vxi11.DeviceLockParms(self._lid, OpFlag.WAITLOCK if waitlock else 0, _ms(timeout))
+                self._call(Proc.DEVICE_LOCK, params, timeout, waitlock=waitlock)
+            self._lock_depth += 1
 
     def unlock(self) -> None:
         with self._core_lock:
             if self._lock_depth == 0:
                 raise SessionNotLocked(f"{self._ctx}: this session holds no exclusive lock")
             self._lock_depth -= 1
-            if self._lock_depth:
-                return
-            resp = self._channel().call(Proc.DEVICE_UNLOCK, vxi11.DeviceLink(self._lid), _sock_timeout(CONTROL_TIMEOUT))
-            error = getattr(resp, "error", 0)
-            if error:
-                raise vxi11.vxi11_error(error, proc=Proc.DEVICE_UNLOCK, context=self._ctx)
+            if self._lock_depth == 0:
+                self._call(Proc.DEVICE_UNLOCK, vxi11.DeviceLink(self._lid), CONTROL_TIMEOUT)
 
     # ------------------------------------------------------------------------- service requests
     def enable_srq(self, handler: SrqHandler | None) -> None:
         with self._core_lock:
-            core = self._channel()
             if handler is None:
                 self.srq_handler = None
                 if self._intr is not None:
-                    self._enable_call(core, False)
-                    self._intr_call(core, Proc.DESTROY_INTR_CHAN, vxi11.Void(), accept=(0, 6))
+                    self._enable_call(False)
+                    self._call(Proc.DESTROY_INTR_CHAN, vxi11.Void(), CONTROL_TIMEOUT, accept=(0, 6))
                     self._intr.stop()
                     self._intr = None
                 return
             if self._intr is None:
-                local = core.sock.getsockname()[0]
+                local = self._channel().sock.getsockname()[0]
                 self._intr = _InterruptServer(local, self._on_intr_srq)
                 addr = ipaddress.ip_address(local)
                 host_addr = int(addr) if isinstance(addr, ipaddress.IPv4Address) else 0
                 func = vxi11.DeviceRemoteFunc(host_addr, self._intr.port, vxi11.DEVICE_INTR_PROG, 1, vxi11.DEVICE_TCP)
                 try:
-                    self._intr_call(core, Proc.CREATE_INTR_CHAN, func, accept=(0, 29))
+                    self._call(Proc.CREATE_INTR_CHAN, func, CONTROL_TIMEOUT, accept=(0, 29))
                 except VisaBusError:
                     self._intr.stop()
                     self._intr = None
                     raise
             self._handle = f"visabus:{self._lid}:{id(self) & 0xFFFFFF:x}".encode()[: vxi11.MAX_HANDLE]
             self.srq_handler = handler
-            self._enable_call(core, True)
+            self._enable_call(True)
 
-    def _intr_call(self, core: _Channel, proc: Proc, params: vxi11._Struct, accept: tuple[int, ...]) -> None:
-        resp = core.call(proc, params, _sock_timeout(CONTROL_TIMEOUT))
-        error = getattr(resp, "error", 0)
-        if error not in accept:
-            raise vxi11.vxi11_error(error, proc=proc, context=self._ctx)
-
-    def _enable_call(self, core: _Channel, enable: bool) -> None:
+    def _enable_call(self, enable: bool) -> None:
         handle = self._handle or b"visabus"  # never empty: some instruments crash on it
-        self._intr_call(core, Proc.DEVICE_ENABLE_SRQ, vxi11.DeviceEnableSrqParms(self._lid, enable, handle), (0,))
+        self._call(Proc.DEVICE_ENABLE_SRQ, vxi11.DeviceEnableSrqParms(self._lid, enable, handle), CONTROL_TIMEOUT)
 
     def _on_intr_srq(self, handle: bytes) -> None:
         """Interrupt thread: a device_intr_srq arrived. Read the status byte, then call the handler."""
@@ -619,7 +592,7 @@ class Vxi11Session(Session):
             if self._closing:
                 return
         try:
-            stb = int(getattr(self._generic(Proc.DEVICE_READSTB), "stb", 0)) & 0xFF
+            stb = cast(vxi11.DeviceReadStbResp, self._generic(Proc.DEVICE_READSTB)).stb & 0xFF
         except VisaBusError as exc:
             log.warning("vxi11.srq_readstb_failed", resource=self._ctx, error=str(exc))
             return
