@@ -9,6 +9,7 @@ sweeps any descendant left at shutdown.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import json
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import zmq
 
 from visabus.sdk import schema
 from visabus.sdk.errors import VisaBusError
-from visabus.sdk.resources import parse_resource
+from visabus.sdk.resources import canonical, parse_resource
 from visabus.sdk.transport import make_socket
 
 from .config import ServeConfig
@@ -157,7 +158,30 @@ class Supervisor:
             child = Child("discovery", _visabus_cmd(*args), "discovery")
             child.start()
             self.children.append(child)
+        self._wait_registered(STARTUP_TIMEOUT_S)
         self._announce()
+
+    def _wait_registered(self, timeout: float) -> None:
+        """Announce once every worker has registered and tried its instrument (so `serve` output means ready)."""
+        wanted = {canonical(res) for res in self.resources.values()}
+        sock = make_socket(zmq.Context.instance(), zmq.DEALER, connect=self.endpoints["frontend"])
+        deadline = time.monotonic() + timeout
+        try:
+            for attempt in itertools.count(1):
+                sock.send(schema.pack(schema.request("list", attempt, sid="supervisor", timeout_ms=1000)))
+                if sock.poll(1000):
+                    reply = schema.unpack(sock.recv_multipart()[0])
+                    have = {r["res"] for r in reply.get("resources", [])
+                            if r.get("source") == "worker" and r.get("state") != "connecting"}
+                    if wanted <= have:
+                        return
+                if time.monotonic() > deadline:
+                    log.warning("supervisor.workers_slow_to_register", missing=sorted(wanted - have))
+                    return
+                time.sleep(0.05)  # poll interval while workers start (no event to wait on yet)
+        finally:
+            sock.send(schema.pack(schema.request("bye", 0, sid="supervisor")))
+            sock.close(linger=100)
 
     def _add_worker(self, resource: str, alias: str | None, attributes: dict[str, Any]) -> None:
         b = self.config.broker

@@ -90,6 +90,7 @@ class Executor(threading.Thread):
         self._out: zmq.Socket | None = None
         self._current: int | None = None
         self._credit: _Credit | None = None
+        self._interrupted = False           # a clear/cancel hit the running operation
         self._guard = threading.Lock()
         self._backoff = BACKOFF_FIRST_S
         self._next_attempt = 0.0
@@ -107,6 +108,7 @@ class Executor(threading.Thread):
                 return
             if self._credit is not None:
                 self._credit.cancel()
+            self._interrupted = True
         threading.Thread(target=self._abort_quietly, daemon=True, name="worker-abort").start()
 
     def _abort_quietly(self) -> None:
@@ -117,6 +119,8 @@ class Executor(threading.Thread):
 
     def run_clear(self, header: dict[str, Any]) -> dict[str, Any]:
         """Device clear, run on a control-side thread; a read blocked in the executor fails with ABORT."""
+        with self._guard:
+            self._interrupted = self._current is not None
         try:
             self.session.clear()
             return schema.reply(header, 0, op="reply", more=False)
@@ -190,6 +194,7 @@ class Executor(threading.Thread):
         timeout = None if timeout_ms is None else timeout_ms / 1000.0
         with self._guard:
             self._current = bid
+            self._interrupted = False
             self._credit = _Credit(max(1, min(int(header.get("credit") or schema.DEFAULT_CREDIT), schema.MAX_CREDIT)))
         try:
             if not self.session.connected and not self._try_open(min(timeout or OPEN_TIMEOUT_S, OPEN_TIMEOUT_S)):
@@ -198,6 +203,7 @@ class Executor(threading.Thread):
             handler = getattr(self, f"_op_{header['op']}", None)
             if handler is None:
                 raise NotSupported(f"operation {header['op']!r} is not supported by this worker")
+            self.session.begin()
             handler(job, timeout)
         except VisaBusError as exc:
             if isinstance(exc, ConnectionLost):
@@ -227,7 +233,13 @@ class Executor(threading.Thread):
         delay = job.header.get("delay_ms")
         if delay:
             time.sleep(delay / 1000.0)  # the caller asked for a query delay (VISA query_delay)
+        self._check_interrupted()
         self._stream_read(job.header, timeout)
+
+    def _check_interrupted(self) -> None:
+        with self._guard:
+            if self._interrupted:
+                raise Aborted(f"{self.res}: operation aborted by a device clear or cancel")
 
     def _op_read_stb(self, job: Job, timeout: float | None) -> None:
         self._send(schema.reply(job.header, 0, op="reply", more=False, stb=self.session.read_stb()))

@@ -52,6 +52,9 @@ class Session(abc.ABC):
     def close(self) -> None:
         """Release the connection; never raises."""
 
+    def begin(self) -> None:
+        """Called by the worker at the start of each operation (a driver may bind it to its connection)."""
+
     # --- message-based I/O --------------------------------------------------------------------
     @abc.abstractmethod
     def write(self, data: bytes | memoryview, timeout: float | None) -> int:

@@ -32,6 +32,7 @@ class SocketSession(Session):
         super().__init__(resource, attributes)
         self._sock: socket.socket | None = None
         self._pending = bytearray()         # received past the last terminator
+        self._op_sock: socket.socket | None = None  # the connection the current operation started on
         self._lock = threading.Lock()       # guards _sock replacement against a concurrent clear()
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -63,10 +64,16 @@ class SocketSession(Session):
     def connected(self) -> bool:
         return self._sock is not None
 
+    def begin(self) -> None:
+        self._op_sock = self._sock
+
     def _require(self) -> socket.socket:
         sock = self._sock
         if sock is None:
             raise ConnectionLost(f"{self.resource}: not connected")
+        if self._op_sock is not None and sock is not self._op_sock:
+            # A clear replaced the connection mid-operation: the operation is over.
+            raise Aborted(f"{self.resource}: operation aborted by a device clear")
         return sock
 
     # ------------------------------------------------------------------------------ I/O
@@ -82,9 +89,9 @@ class SocketSession(Session):
         return len(data)
 
     def read_into(self, buffer: memoryview, timeout: float | None, term_char: int | None) -> tuple[int, bool]:
+        sock = self._require()
         if self._pending:
             return self._from_pending(buffer, term_char)
-        sock = self._require()
         try:
             sock.settimeout(timeout)
             n = sock.recv_into(buffer)
