@@ -153,7 +153,7 @@ def parse_srq_payload(payload: bytes | bytearray | memoryview) -> bool:
 class SequenceCounter:
     """The sender's sequence numbers: a block carries `next`; EOI blocks advance it afterwards."""
 
-    __slots__ = ("next", "last")
+    __slots__ = ("last", "next")
 
     def __init__(self) -> None:
         self.next = 1
