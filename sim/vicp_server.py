@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import select
 import socket
+import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
-
 from visabus.workers.protocols.errors import RemoteProtocolError
 from visabus.workers.protocols.vicp import (
     DEFAULT_PORT,
@@ -43,16 +45,18 @@ log = structlog.get_logger(__name__)
 MAX_MESSAGE = 256 << 20       # longest program message accepted from a client
 DEFAULT_MAX_BLOCK = 8 << 20   # responses longer than this go out as several blocks
 _RECV_CHUNK = 1 << 16
+_SIOCATMARK = 0x8905          # Linux ioctl: is the next byte to read the urgent byte?
 
 
 class _TaggedSession(ScpiSession):
     """ScpiSession that remembers which command (sequence number) queued each response.
 
     The engine queues at most one response per `write()` and keeps them in order, so a FIFO of tags
-    next to its output queue is enough. Hooks the engine's private `_queue` (see the module notes).
+    next to its output queue is enough. This hooks the engine's private `_queue` and `_cond`; a public
+    way to tag a write's response in sim/scpi.py would let this class go.
     """
 
-    def __init__(self, instrument: Instrument, on_srq: Any) -> None:
+    def __init__(self, instrument: Instrument, on_srq: Callable[[int], None]) -> None:
         super().__init__(instrument, on_srq)
         self.current_tag = 0
         self._tags: collections.deque[int] = collections.deque()
@@ -101,15 +105,17 @@ class _Connection:
                 events = 0
                 for _fd, ev in poller.poll():
                     events |= ev
-                if events & select.POLLPRI:
-                    self._out_of_band()
-                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                    chunk = self.sock.recv(_RECV_CHUNK)
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not self._at_urgent_mark(events):
+                    chunk = self.sock.recv(_RECV_CHUNK)  # stops at the urgent mark by itself
                     if not chunk:
                         return
                     reader.feed(chunk)
                     for block in reader.blocks():
                         self._handle_block(block, message)
+                elif events & select.POLLPRI:
+                    # Everything sent before the urgent byte has been parsed: a poll must not overtake
+                    # the command written just before it.
+                    self._out_of_band()
         except RemoteProtocolError as exc:
             log.warning("sim.vicp.protocol_error", peer=self.peer, error=str(exc))
         finally:
@@ -130,14 +136,23 @@ class _Connection:
         if header.serial_poll:
             stb = self.session.serial_poll()
             self._send_block(bytes((stb,)), header.seq, eoi=True)
-        if header.remote != self.remote or header.lockout != self.lockout:
-            if block.payload or header.eoi:  # only data blocks carry the remote state
-                self.remote, self.lockout = header.remote, header.lockout
-                log.info("sim.vicp.remote_state", peer=self.peer, remote=self.remote, lockout=self.lockout)
+        carries_data = bool(block.payload) or header.eoi  # CLEAR / poll blocks say nothing about remote state
+        if carries_data and (header.remote, header.lockout) != (self.remote, self.lockout):
+            self.remote, self.lockout = header.remote, header.lockout
+            log.info("sim.vicp.remote_state", peer=self.peer, remote=self.remote, lockout=self.lockout)
         text = message.add(block)
         if text is not None:
             self.session.current_tag = header.seq
             self.session.write(text)
+
+    def _at_urgent_mark(self, events: int) -> bool:
+        """True when an urgent byte is pending and no ordinary data precedes it (SIOCATMARK)."""
+        if not events & select.POLLPRI:
+            return False
+        try:
+            return bool(struct.unpack("i", fcntl.ioctl(self.sock.fileno(), _SIOCATMARK, b"\0" * 4))[0])
+        except OSError:
+            return True  # no SIOCATMARK here: answer the poll, as before
 
     def _out_of_band(self) -> None:
         try:
