@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 import pyvicp
-
-from visabus.sdk.errors import Aborted, ConnectionLost, IOFailure, ResourceNotFound, VisaTimeout
+from visabus.sdk.errors import Aborted, ConnectionLost, IOFailure, ResourceNotFound, VisaBusError, VisaTimeout
 from visabus.sdk.resources import parse_resource
 from visabus.workers.protocols.vicp import HEADER_SIZE, Header, Op, encode_header
 from visabus.workers.sessions.base import SessionAttributes
@@ -51,7 +50,7 @@ class Simulator:
     """The VICP simulator as a child process; stopped by closing its stdin, killed if it lingers."""
 
     def __init__(self, log_path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child process
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SIM, IDENTITY, host, str(port)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
@@ -146,7 +145,7 @@ def _read_in_thread(session: VicpSession, timeout: float) -> tuple[threading.Thr
             buf = bytearray(100)
             n, end = session.read_into(memoryview(buf), timeout, None)
             results.put((bytes(buf[:n]), end))
-        except Exception as exc:  # handed to the test thread
+        except VisaBusError as exc:  # handed to the test thread
             results.put(exc)
         results.put(time.monotonic() - started)
 
@@ -247,6 +246,35 @@ def test_refused_connection_is_resource_not_found() -> None:
         with pytest.raises(ResourceNotFound, match=str(port)):
             session.open(2)
     assert not session.connected
+
+
+def test_visabus_sim_cli_serves_vicp(tmp_path: Path) -> None:
+    """The same server through the real entry point: `visabus sim --vicp 0 --json`."""
+    with open(tmp_path / "cli.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "visabus.sdk.cli", "sim", "--vicp", "0", "--identity", IDENTITY, "--json"],
+            stdout=subprocess.PIPE, stderr=log, env={**os.environ, "VISABUS_LOG_LEVEL": "WARNING"},
+        )
+        try:
+            assert proc.stdout is not None
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                assert sel.select(20), (tmp_path / "cli.log").read_text()
+            resource = json.loads(proc.stdout.readline())["vicp"]
+            assert resource.startswith("VICP::127.0.0.1,")
+            session = _open(resource)
+            try:
+                assert query(session, b"*IDN?") == IDENTITY.encode() + b"\n"
+            finally:
+                session.close()
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 # ------------------------------------------------------------------ clear and abort
@@ -425,7 +453,7 @@ def test_timeout_inside_a_block_loses_no_byte(peer: ScriptedPeer) -> None:
     conn = peer.accept()
     try:
         session.write(b"CURV?", 2)
-        _, seq_block = peer.read_block(conn)
+        peer.read_block(conn)
         conn.sendall(encode_header(Op.EOI, 1, 10) + b"0123")
         buf = bytearray(64)
         assert session.read_into(memoryview(buf), 0.3, None) == (4, False) and buf[:4] == b"0123"

@@ -1,28 +1,17 @@
-"""VICP driver (`VICP[board]::host[,port]::INSTR`) on pyvicp's connection, with our own framing.
+"""VICP driver (`VICP[board]::host[,port]::INSTR`): pyvicp's connection, our framing on its socket.
 
-pyvicp (the project's chosen VICP client) opens the connection: `pyvicp.Client(host, port=...)` with its
-TCP_NODELAY and SO_LINGER(0) settings, its `keepalive` property and its `close()`. Everything that
-crosses the wire afterwards goes through `visabus.workers.protocols.vicp` on pyvicp's socket, because
-pyvicp 1.1.0 gets these parts wrong (docs/vicp.md lists each workaround and the test that covers it):
+pyvicp (the project's chosen VICP client) connects - `pyvicp.Client(host, port=...)` with its
+TCP_NODELAY and SO_LINGER(0) settings - and provides `keepalive` and `close()`. Everything on the wire
+after that goes through the sans-IO codec `visabus.workers.protocols.vicp` on pyvicp's socket, because
+pyvicp 1.1.0 gets it wrong: a 100 s sleep in device clear, SRQ state never parsed, an endless loop when
+the peer closes, an out-of-band serial poll that times out, bytes lost on a timeout, unbounded
+allocations, REMOTE/LOCKOUT never sent, no way to interrupt a blocked call. docs/vicp.md says what each
+workaround covers and which test proves it.
 
-- port override: pyvicp honours `port=`, but PyVISA-py hands it "host,port" as the host; we pass
-  `resource.host` and `resource.transport_port` ourselves, also on every reconnect.
-- device clear: pyvicp sleeps 100 s (its port of a 100 ms delay) whenever sequence numbers have not
-  been seen yet. We send CLEAR, then drop stale responses by sequence number; we reconnect only for a
-  v1 (sequence 0) peer or when an aborted write left half a block on the wire. Never a sleep.
-- SRQ: pyvicp compares an int with "1" (always "deasserted") and allocates whatever length the SRQ
-  header claims. We parse b"1"/b"0", bound the length and deliver the status byte to `srq_handler`
-  (from an out-of-band serial poll), also while the session is idle (a small monitor thread).
-- peer close: pyvicp's receive loop spins forever when recv returns 0; we raise ConnectionLost, and a
-  socket error is reported as such instead of being hidden by a silent reconnect inside a read.
-- OOB serial poll: pyvicp calls recv(MSG_OOB) on a socket with a timeout, and CPython first waits for
-  ordinary readability, so the poll times out although the answer came. We wait for POLLPRI.
-- reads: pyvicp allocates a fresh buffer per call, loses count of bytes received before a timeout and
-  allocates stale blocks whole. We receive straight into the caller's buffer (recv_into, no copy),
-  count every byte, and discard stale data through a fixed 64 KiB scratch buffer.
-- REMOTE/LOCKOUT: pyvicp stores the flags but never sends them; we set the header bits.
-- abort: pyvicp blocks in socket calls; every wait here is a poll() that also watches a wake-up pipe,
-  so clear()/abort() from another thread interrupt a blocked read or write (it raises Aborted).
+Data moves with recv_into straight into the caller's buffer. All waiting is a poll() that also watches
+a wake-up pipe, so clear()/abort() from the worker's control thread interrupt a blocked read or write
+(it raises Aborted); operations started meanwhile wait for the interrupt instead. Stale responses
+(tagged with an older sequence number) are dropped, as IEEE 488.2 "unread response" handling wants.
 """
 
 from __future__ import annotations
@@ -39,7 +28,6 @@ from collections.abc import Iterator
 
 import pyvicp
 import structlog
-
 from visabus.sdk.errors import (
     Aborted,
     ConnectionLost,
@@ -405,7 +393,7 @@ class VicpSession(Session):
             return
         try:
             handler(stb)
-        except Exception:  # the handler is the worker's code; keep monitoring whatever it does
+        except Exception:  # noqa: BLE001 - the handler is the worker's code; keep monitoring regardless
             self._log.exception("vicp.srq_handler_failed")
 
     def _poke_monitor(self) -> None:
@@ -556,7 +544,7 @@ class VicpSession(Session):
         finally:
             self._op_generation += 1
             self._io_lock.release()
-        self._poke_monitor()
+            self._poke_monitor()  # also after a failed operation: the monitor resumes watching
 
     def _acquire_wire(self) -> None:
         """Take the wire for a new operation, after any clear()/abort() that is under way.
@@ -582,8 +570,10 @@ class VicpSession(Session):
         try:
             with self._io_lock:
                 try:
-                    _drain(self._wake_r)
-                    self._abort.clear()  # our own I/O below must not abort itself
+                    with self._interrupt_done:
+                        _drain(self._wake_r)
+                        if self._interrupts == 1:  # no other clear()/abort() waiting behind us
+                            self._abort.clear()    # so our own I/O below does not abort itself
                     yield
                 finally:
                     self._op_generation += 1
@@ -591,7 +581,7 @@ class VicpSession(Session):
             with self._interrupt_done:
                 self._interrupts -= 1
                 self._interrupt_done.notify_all()
-        self._poke_monitor()
+            self._poke_monitor()
 
 
 def _deadline(timeout: float | None) -> float | None:
