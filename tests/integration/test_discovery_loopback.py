@@ -196,11 +196,12 @@ def test_loopback_instrument_appears_disappears_and_reappears(sims: list[Sim]) -
         mark = len(events.items)
         sim.kill(signal.SIGTERM)
         stopped_at = time.monotonic()
+        vxi11 = f"TCPIP0::127.0.0.1,{sim.core}::inst0::INSTR"
         _, at, data = events.wait_for(
-            "goodbye", lambda t, d: d["key"] == ours and "broadcast" in d["sources"] and "mdns" not in d["sources"],
+            "goodbye", lambda t, d: t == "instrument.changed" and d["key"] == ours and d["resources"] == [vxi11],
             3, since=mark,
         )
-        assert data["resources"] == [f"TCPIP0::127.0.0.1,{sim.core}::inst0::INSTR"]
+        assert data["metadata"]["serial"] == serial  # the VXI-11 responder keeps the identity it had
         assert at - stopped_at < config.interval_s + 1.0
         events.wait_for("disappearance", lambda t, d: t == "instrument.disappeared" and d["key"] == ours, 10,
                         since=mark)

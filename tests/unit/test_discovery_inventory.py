@@ -255,3 +255,15 @@ def test_adopted_identity_sticks_when_the_identified_records_say_goodbye() -> No
     inv.end_round(Source.BROADCAST, 7.0)
     (event,) = inv.end_round(Source.BROADCAST, 8.0)
     assert (event.topic, event.data["key"], event.data["reason"]) == (DISAPPEARED, "id:acme:0001", "missed")
+
+
+def test_own_identity_is_remembered_when_only_another_source_still_sees_the_resource() -> None:
+    # The instrument's _vxi-11 mDNS record names it; the broadcast finds the same resource anonymously.
+    inv = Inventory()
+    inv.observe(bcast())
+    inv.observe(mdns(VXI, "vxi11", "v._vxi-11._tcp.local."))
+    assert inv.withdraw(Source.MDNS, 1.0, origin="v._vxi-11._tcp.local.") == []  # only `sources` changed
+    (instrument,) = inv.instruments()
+    assert instrument["key"] == "id:acme:0001"
+    assert instrument["sources"] == ["broadcast"]
+    assert instrument["metadata"] == ACME

@@ -117,7 +117,9 @@ class _Entry:
     address: str
     presence: dict[str, _Presence] = field(default_factory=dict)
     identified: dict[str, str] = field(default_factory=dict)  # from *IDN?
-    adopted: dict[str, str] = field(default_factory=dict)  # from the identified instrument at this address
+    # The last identity known for this resource (its own, or adopted from the identified instrument at its
+    # address): kept while the resource lives, so identity does not vanish with the records that told it.
+    remembered: dict[str, str] = field(default_factory=dict)
 
     def metadata(self, own: bool = False) -> dict[str, str]:
         return _merge(_layers([self], own=own))
@@ -129,7 +131,7 @@ def _source_rank(source: str) -> int:
 
 def _layers(entries: Iterable[_Entry], own: bool = False) -> Iterable[Mapping[str, str]]:
     """Metadata of a group's resources, best source first: every *IDN? answer before any TXT record,
-    and what a resource adopted from its address's instrument last (unless `own`)."""
+    and the identity a resource remembers last (unless `own`)."""
     entries = list(entries)
     for entry in entries:
         yield entry.identified
@@ -140,7 +142,7 @@ def _layers(entries: Iterable[_Entry], own: bool = False) -> Iterable[Mapping[st
                 yield entry.presence[source].metadata
     if not own:
         for entry in entries:
-            yield entry.adopted
+            yield entry.remembered
 
 
 def _merge(layers: Iterable[Mapping[str, str]]) -> dict[str, str]:
@@ -294,16 +296,19 @@ class Inventory:
             ident = identity_key(entry.metadata(own=True))
             if ident is not None:
                 own_at.setdefault(entry.address, {}).setdefault(ident, []).append(entry)
-        # Pass 2: an anonymous resource adopts the one identity at its address, and keeps it (sticky) when
-        # the identified records leave first — a goodbye of the mDNS records does not make the VXI-11
-        # responder at that address anonymous.
+        # Pass 2: a resource remembers its own identity; an anonymous one adopts the one identity at its
+        # address. Either is kept while the resource lives: the goodbye of an instrument's mDNS records does
+        # not make the VXI-11 responder at that address anonymous.
         members: dict[str, list[_Entry]] = {}
         for entry in self._entries.values():
-            if identity_key(entry.metadata(own=True)) is None:
+            own = entry.metadata(own=True)
+            if identity_key(own) is not None:
+                entry.remembered = own
+            else:
                 at_address = own_at.get(entry.address, {})
                 if len(at_address) == 1:
                     (identified,) = at_address.values()
-                    entry.adopted = _merge(_layers(identified, own=True))
+                    entry.remembered = _merge(_layers(identified, own=True))
             key = identity_key(entry.metadata()) or f"addr:{entry.address}/{entry.protocol}"
             members.setdefault(key, []).append(entry)
         groups: dict[str, _Group] = {}

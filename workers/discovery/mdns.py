@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ LXI_TYPE = "_lxi._tcp.local."
 VICP_TYPE = "_vicp._tcp.local."
 SERVICE_TYPES = (HISLIP_TYPE, VXI11_TYPE, SCPI_RAW_TYPE, LXI_TYPE, VICP_TYPE)
 PORTMAPPER_PORT = 111
+RETRY_MIN_S = 1.0
+RETRY_MAX_S = 60.0
 # An `_lxi._tcp` record from these makers is a scope that speaks VICP on its default port.
 VICP_MANUFACTURERS = ("lecroy", "teledyne")
 # LXI TXT keys (case-insensitive) → our metadata fields.
@@ -183,7 +186,8 @@ class MdnsBrowser:
         self._service_types = list(service_types)
         self._records: dict[str, MdnsRecord] = {}
         self._lock = threading.Lock()
-        self._pending: dict[str, str] = {}  # service name → type, resolution to be retried
+        # service name → (type, when to try next, current back-off): resolution to be retried
+        self._pending: dict[str, tuple[str, float, float]] = {}
         self._retrying: threading.Thread | None = None
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
@@ -205,21 +209,33 @@ class MdnsBrowser:
         with self._lock:
             return list(self._records.values())
 
+    def record(self, name: str) -> MdnsRecord | None:
+        with self._lock:
+            return self._records.get(name.lower())
+
     def retry_pending(self) -> None:
         """Resolve again, on a helper thread, the records whose resolution failed for a reason that may
-        pass (no answer in time, VXI-11 portmapper not answering); zeroconf reports a record only once."""
+        pass (no answer in time, VXI-11 portmapper not answering), backing off from 1 s to a minute;
+        zeroconf reports a record only once."""
         zc = self._zc
+        now = time.monotonic()
         with self._lock:
-            pending = dict(self._pending)
+            due = {name: entry[0] for name, entry in self._pending.items() if entry[1] <= now}
             busy = self._retrying is not None and self._retrying.is_alive()
-        if zc is None or not pending or busy:
+        if zc is None or not due or busy:
             return
-        self._retrying = threading.Thread(target=self._retry, args=(zc, pending), name="mdns-retry", daemon=True)
+        self._retrying = threading.Thread(target=self._retry, args=(zc, due), name="mdns-retry", daemon=True)
         self._retrying.start()
 
-    def _retry(self, zc: Zeroconf, pending: Mapping[str, str]) -> None:
-        for name, service_type in pending.items():
+    def _retry(self, zc: Zeroconf, due: Mapping[str, str]) -> None:
+        for name, service_type in due.items():
             self._on_change(zc, service_type, name, ServiceStateChange.Updated)
+
+    def _defer(self, key: str, service_type: str) -> None:
+        """Mark a record for retry (caller holds the lock)."""
+        previous = self._pending.get(key)
+        delay = min(previous[2] * 2, RETRY_MAX_S) if previous else RETRY_MIN_S
+        self._pending[key] = (service_type, time.monotonic() + delay, delay)
 
     # --------------------------------------------------------------- browser thread
     def _on_change(
@@ -246,7 +262,7 @@ class MdnsBrowser:
             log.info("discovery.mdns_unresolved", service=name)
             with self._lock:
                 if key not in self._records:
-                    self._pending[key] = service_type
+                    self._defer(key, service_type)
             return
         record = record_to_resource(
             service_type,
@@ -263,7 +279,7 @@ class MdnsBrowser:
                 self._records.pop(key, None)
                 # a VXI-11 record off port 111 needs its portmapper to answer: worth another try
                 if service_type.lower() == VXI11_TYPE and info.port != PORTMAPPER_PORT:
-                    self._pending[key] = service_type
+                    self._defer(key, service_type)
             else:
                 self._records[key] = record
                 self._pending.pop(key, None)

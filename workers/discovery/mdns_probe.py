@@ -7,8 +7,8 @@ from an ephemeral port on each configured interface, answered by unicast straigh
 (RFC 6762 §6.7). Such answers are not subject to the one-per-second multicast rate limit and never land
 on another process's shared port 5353, so one probe per round gets one answer per live service.
 
-The caller owns the rhythm: `send(names)` at the start of a round, `read(sock)` whenever a socket is
-readable, `take_heard()` at the end of the round.
+The caller owns the rhythm: `send(names)` once a round, `read(sock)` whenever a socket is readable (it
+returns the service names that answered).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ class MdnsProber:
         self.addresses = list(addresses)
         self._destination = (group, port)
         self._sockets: list[socket.socket] = []
-        self._heard: set[str] = set()
         self._query_id = 0
 
     def open(self) -> None:
@@ -81,27 +80,24 @@ class MdnsProber:
                 except OSError as exc:  # interface went down: the round simply hears nothing
                     log.debug("discovery.mdns_probe_send_failed", address=sock.getsockname()[0], error=str(exc))
 
-    def read(self, sock: socket.socket) -> None:
-        """Drain one readable socket, noting which services answered."""
+    def read(self, sock: socket.socket) -> set[str]:
+        """Drain one readable socket; returns the (lower-case) service names that answered."""
+        heard: set[str] = set()
         while True:
             try:
                 data, source = sock.recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return
+                return heard
             except OSError as exc:
                 log.debug("discovery.mdns_probe_recv_failed", error=str(exc))
-                return
-            self.feed(data, source)
+                return heard
+            heard |= answered_names(data, source)
 
-    def feed(self, data: bytes, source: tuple[str, int] | None = None) -> None:
-        message = DNSIncoming(data, source)
-        if not message.valid or not message.is_response():
-            log.debug("discovery.mdns_probe_ignored", source=source, size=len(data))
-            return
-        for record in message.answers():
-            if record.type in (_TYPE_SRV, _TYPE_TXT) and record.ttl > 0:
-                self._heard.add(record.name.lower())
 
-    def take_heard(self) -> set[str]:
-        heard, self._heard = self._heard, set()
-        return heard
+def answered_names(data: bytes, source: tuple[str, int] | None = None) -> set[str]:
+    """Service names with a live SRV or TXT record in an mDNS response; empty for anything else."""
+    message = DNSIncoming(data, source)
+    if not message.valid or not message.is_response():
+        log.debug("discovery.mdns_probe_ignored", source=source, size=len(data))
+        return set()
+    return {r.name.lower() for r in message.answers() if r.type in (_TYPE_SRV, _TYPE_TXT) and r.ttl > 0}

@@ -3,9 +3,9 @@ to `emit(topic, data)`.
 
 One thread owns the inventory and runs the loop, in the spirit of a Majordomo actor:
 
-    select(scan sockets, probe sockets, wake socket) → read replies → end the broadcast round when its
-    window closes → end the mDNS liveness round and send the next probes → drain the queue of mDNS
-    updates and identification results → emit events
+    select(scan sockets, probe sockets, wake socket) → observe each reply as it arrives → end the
+    broadcast round when its window closes (hysteresis) → end the mDNS liveness round and send the next
+    probes → drain the queue of mDNS updates and identification results → emit events
 
 zeroconf's browser thread and the identification pool only put items on a queue and wake the loop.
 `run(stop)` goes on until `stop` is set; `scan_once(timeout_s)` runs the same loop for a while and returns
@@ -172,7 +172,7 @@ class DiscoveryService:
                     break
                 self._tick(state, now, pool)
                 self._drain(state, pool)
-                self._wait(state, now, deadline)
+                self._wait(state, now, deadline, pool)
             if deadline is not None and state.scanner is not None and state.round_ends_at is not None:
                 self._end_scan_round(state, state.scanner, pool)
             self._drain(state, pool)
@@ -215,30 +215,31 @@ class DiscoveryService:
                 state.round_ends_at = now + cfg.window_s
                 state.next_scan_at = max(state.next_scan_at + cfg.interval_s, now + cfg.window_s)
         if state.prober is not None and state.browser is not None and now >= state.next_probe_at:
-            self._end_probe_round(state, state.prober, state.browser, pool)
+            self._deliver(state, state.inventory.end_round(Source.MDNS, time.time()), pool)
             state.prober.send(r.name for r in state.browser.records())
             state.browser.retry_pending()
             state.next_probe_at = max(state.next_probe_at + cfg.probe_s, now)
 
     def _end_scan_round(self, state: _Run, scanner: BroadcastScanner, pool: ThreadPoolExecutor | None) -> None:
-        hits: list[ScanHit] = scanner.end_round()
+        scanner.end_round()
         state.round_ends_at = None
+        self._deliver(state, state.inventory.end_round(Source.BROADCAST, time.time()), pool)
+
+    def _on_scan_hits(self, state: _Run, hits: Sequence[ScanHit], pool: ThreadPoolExecutor | None) -> None:
         when = time.time()
         for hit in hits:
             obs = Observation(hit.resource, "vxi11", hit.address, {}, Source.BROADCAST, when)
             self._deliver(state, state.inventory.observe(obs), pool)
-        self._deliver(state, state.inventory.end_round(Source.BROADCAST, when), pool)
 
-    def _end_probe_round(
-        self, state: _Run, prober: MdnsProber, browser: MdnsBrowser, pool: ThreadPoolExecutor | None
+    def _on_probe_answers(
+        self, state: _Run, browser: MdnsBrowser, names: set[str], pool: ThreadPoolExecutor | None
     ) -> None:
-        heard = prober.take_heard()
         when = time.time()
-        for record in browser.records():
-            if record.name in heard and not state.inventory.seen(Source.MDNS, origin=record.name):
-                # heard again after it was given up: it is back
+        for name in sorted(names):
+            record = browser.record(name)
+            if record is not None and not state.inventory.seen(Source.MDNS, origin=record.name):
+                # answering again after it was given up: it is back
                 self._deliver(state, state.inventory.observe(_mdns_observation(record, when)), pool)
-        self._deliver(state, state.inventory.end_round(Source.MDNS, when), pool)
 
     def _drain(self, state: _Run, pool: ThreadPoolExecutor | None) -> None:
         while True:
@@ -255,7 +256,7 @@ class DiscoveryService:
                 resource, idn = item
                 self._deliver(state, state.inventory.identify(resource, metadata_from_idn(idn), when), pool)
 
-    def _wait(self, state: _Run, now: float, deadline: float | None) -> None:
+    def _wait(self, state: _Run, now: float, deadline: float | None, pool: ThreadPoolExecutor | None) -> None:
         wake_at = [now + _MAX_SELECT_S]
         if state.scanner is not None:
             wake_at.append(state.round_ends_at if state.round_ends_at is not None else state.next_scan_at)
@@ -274,9 +275,9 @@ class DiscoveryService:
             if sock is self._wake_r:
                 self._clear_wake()
             elif state.scanner is not None and sock in state.scanner.sockets:
-                state.scanner.read(sock)
-            elif state.prober is not None:
-                state.prober.read(sock)
+                self._on_scan_hits(state, state.scanner.read(sock), pool)
+            elif state.prober is not None and state.browser is not None:
+                self._on_probe_answers(state, state.browser, state.prober.read(sock), pool)
 
     # ---------------------------------------------------------------- helpers
     def _deliver(self, state: _Run, events: list[Event], pool: ThreadPoolExecutor | None) -> None:

@@ -121,19 +121,24 @@ class BroadcastScanner:
                 except OSError as exc:  # interface down or unroutable: this round hears nothing there
                     log.debug("discovery.vxi11_send_failed", interface=iface.name, target=target, error=str(exc))
 
-    def read(self, sock: socket.socket) -> None:
+    def read(self, sock: socket.socket) -> list[ScanHit]:
+        """Drain one readable socket; returns the addresses that answered this round for the first time."""
+        new: list[ScanHit] = []
         while True:
             try:
                 data, source = sock.recvfrom(_MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
-                return
+                return new
             except OSError as exc:  # e.g. ICMP port unreachable reported on the socket
                 log.debug("discovery.vxi11_recv_failed", error=str(exc))
-                return
+                return new
             if self._round is None:
                 log.debug("discovery.vxi11_reply_outside_round", source=source[0])
                 continue
-            self._round.feed(data, source)
+            known = len(self._round.hits)
+            hit = self._round.feed(data, source)
+            if hit is not None and len(self._round.hits) > known:
+                new.append(hit)
 
     def end_round(self) -> list[ScanHit]:
         finished, self._round = self._round, None
