@@ -46,6 +46,7 @@ TRANSACTION_READ_LIMIT = 64 << 20  # transaction results are buffered, so bound 
 class Job:
     header: dict[str, Any]
     frames: list[Any] = field(default_factory=list)
+    epoch: int = 0  # clear epoch when the worker received it: a later clear aborts it
 
 
 class _Credit:
@@ -90,7 +91,9 @@ class Executor(threading.Thread):
         self._out: zmq.Socket | None = None
         self._current: int | None = None
         self._credit: _Credit | None = None
-        self._interrupted = False           # a clear/cancel hit the running operation
+        self._interrupted = False           # a cancel hit the running operation
+        self.clear_epoch = 0                # bumped by every device clear
+        self._job: Job | None = None
         self._guard = threading.Lock()
         self._backoff = BACKOFF_FIRST_S
         self._next_attempt = 0.0
@@ -120,7 +123,7 @@ class Executor(threading.Thread):
     def run_clear(self, header: dict[str, Any]) -> dict[str, Any]:
         """Device clear, run on a control-side thread; a read blocked in the executor fails with ABORT."""
         with self._guard:
-            self._interrupted = self._current is not None
+            self.clear_epoch += 1  # every operation received before this clear is aborted
         try:
             self.session.clear()
             return schema.reply(header, 0, op="reply", more=False)
@@ -194,6 +197,7 @@ class Executor(threading.Thread):
         timeout = None if timeout_ms is None else timeout_ms / 1000.0
         with self._guard:
             self._current = bid
+            self._job = job
             self._interrupted = False
             self._credit = _Credit(max(1, min(int(header.get("credit") or schema.DEFAULT_CREDIT), schema.MAX_CREDIT)))
         try:
@@ -204,6 +208,7 @@ class Executor(threading.Thread):
             if handler is None:
                 raise NotSupported(f"operation {header['op']!r} is not supported by this worker")
             self.session.begin()
+            self._check_interrupted()
             handler(job, timeout)
         except VisaBusError as exc:
             if isinstance(exc, ConnectionLost):
@@ -218,7 +223,7 @@ class Executor(threading.Thread):
                                           f"{self.res}: internal error in the driver: {exc!r}", op="reply"))
         finally:
             with self._guard:
-                self._current, self._credit = None, None
+                self._current, self._credit, self._job = None, None, None
 
     # --------------------------------------------------------------- operations
     def _op_write(self, job: Job, timeout: float | None) -> None:
@@ -238,7 +243,7 @@ class Executor(threading.Thread):
 
     def _check_interrupted(self) -> None:
         with self._guard:
-            if self._interrupted:
+            if self._interrupted or (self._job is not None and self._job.epoch != self.clear_epoch):
                 raise Aborted(f"{self.res}: operation aborted by a device clear or cancel")
 
     def _op_read_stb(self, job: Job, timeout: float | None) -> None:

@@ -153,7 +153,7 @@ class Worker:
             # Out of band: runs now, even while the executor is blocked in a read.
             threading.Thread(target=self._clear, args=(header,), daemon=True, name="worker-clear").start()
         elif isinstance(op, str) and op in schema.CLIENT_OPS:
-            self._jobs.put(Job(header, data))
+            self._jobs.put(Job(header, data, epoch=self.executor.clear_epoch))
         else:
             log.warning("worker.unknown_op", op=op)
 
