@@ -19,6 +19,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import re
+import select
 import socket
 import socketserver
 import threading
@@ -60,38 +61,36 @@ def send_record(sock: socket.socket, parts: list[rpc.Buffer]) -> None:
 
 def serve_rpc(sock: socket.socket, prog: int, handlers: dict[Proc, Handler], max_record: int,
               after: Callable[[Proc, Any], None] | None = None) -> None:
-    """Answer the calls arriving on `sock` for program `prog` until the peer closes."""
+    """Answer the calls arriving on `sock` for program `prog` until the peer closes; `after(proc, params)`
+    runs once a handler's reply has been sent."""
     reader = rpc.RecordReader(max_record)
-    while True:
-        chunk = sock.recv(256 * 1024)
-        if not chunk:
-            return
+    while chunk := sock.recv(256 * 1024):
         for record in reader.feed(chunk):
-            try:
-                call = rpc.decode_call(record)
-            except rpc.RpcVersionError as exc:
-                send_record(sock, [rpc.encode_denied_reply(exc.xid, rpc.RejectStat.RPC_MISMATCH)])
-                continue
-            proc = vxi11.procedure(call.prog, call.proc)
-            if call.prog != prog:
-                reply = rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.PROG_UNAVAIL)
-            elif call.vers != 1:
-                reply = rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.PROG_MISMATCH, mismatch=(1, 1))
-            elif proc is None or proc not in handlers:
-                reply = rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.PROC_UNAVAIL)
-            else:
-                try:
-                    params = vxi11.decode_params(call)
-                except RemoteProtocolError as exc:
-                    log.debug("vxi11.garbage_args", proc=proc.name, error=str(exc))
-                    send_record(sock, rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.GARBAGE_ARGS))
-                    continue
-                result = handlers[proc](params)
-                send_record(sock, rpc.encode_reply_parts(call.xid, result.encode_parts()))
-                if after is not None:
-                    after(proc, params)
-                continue
+            reply, handled = _answer(record, prog, handlers)
             send_record(sock, reply)
+            if handled is not None and after is not None:
+                after(*handled)
+
+
+def _answer(record: bytes, prog: int, handlers: dict[Proc, Handler]) -> tuple[list[rpc.Buffer], tuple[Proc, Any] | None]:
+    """The reply to one call message, and (procedure, arguments) when a handler ran."""
+    try:
+        call = rpc.decode_call(record)
+    except rpc.RpcVersionError as exc:
+        return [rpc.encode_denied_reply(exc.xid, rpc.RejectStat.RPC_MISMATCH)], None
+    proc = vxi11.procedure(call.prog, call.proc)
+    if call.prog != prog:
+        return rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.PROG_UNAVAIL), None
+    if call.vers != 1:
+        return rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.PROG_MISMATCH, mismatch=(1, 1)), None
+    if proc is None or proc not in handlers:
+        return rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.PROC_UNAVAIL), None
+    try:
+        params = vxi11.decode_params(call)
+    except RemoteProtocolError as exc:
+        log.debug("vxi11.garbage_args", proc=proc.name, error=str(exc))
+        return rpc.encode_reply_parts(call.xid, accept_stat=rpc.AcceptStat.GARBAGE_ARGS), None
+    return rpc.encode_reply_parts(call.xid, handlers[proc](params).encode_parts()), (proc, params)
 
 
 class DeviceLock:
@@ -312,13 +311,12 @@ class _CoreConnection:
                 link.response, link.pos = response, 0
             return self._take(link, p)
 
-    @staticmethod
-    def _wait_response(link: _Link, io_timeout_ms: int, abort: threading.Event) -> bytes | int:
-        """The next response message, or error 15 (io_timeout) / 23 (aborted)."""
+    def _wait_response(self, link: _Link, io_timeout_ms: int, abort: threading.Event) -> bytes | int:
+        """The next response message, or error 15 (io_timeout) / 23 (aborted, or the client left)."""
         infinite = io_timeout_ms == vxi11.INFINITE_TIMEOUT_MS
         deadline = time.monotonic() + io_timeout_ms / 1000.0
         while True:
-            if abort.is_set():
+            if abort.is_set() or self._peer_gone():
                 return E.ABORT
             left = 1.0 if infinite else deadline - time.monotonic()
             response = link.session.wait_response(max(0.0, min(left, ABORT_POLL)))
@@ -327,11 +325,17 @@ class _CoreConnection:
             if not infinite and time.monotonic() >= deadline:
                 return E.IO_TIMEOUT
 
+    def _peer_gone(self) -> bool:
+        """True once the client closed the connection (so a long read does not outlive it)."""
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     @staticmethod
     def _take(link: _Link, p: vxi11.DeviceReadParms) -> vxi11.DeviceReadResp:
-        response = link.response
-        if response is None:  # pragma: no cover - device_read sets it first
-            return vxi11.DeviceReadResp(E.IO_ERROR, 0, b"")
+        response = link.response or b""
         start = link.pos
         end = min(len(response), start + p.request_size)
         reason = ReadReason(0)

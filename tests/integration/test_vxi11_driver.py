@@ -346,6 +346,31 @@ def test_lock_contention_between_two_links(open_session: Opener) -> None:
     a.unlock()
 
 
+def test_losing_the_connection_mid_read_releases_the_lock(open_session: Opener) -> None:
+    a, b = open_session(), open_session()
+    a.lock(True, 1.0)
+    a.write(b"SLOW? 60000\n", 2.0)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            a.read_into(memoryview(bytearray(64)), None, None)  # blocks for a minute
+        except VisaBusError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    core = a._core
+    assert core is not None
+    core.sock.shutdown(socket.SHUT_RDWR)  # the controller vanishes (crash, cable pulled)
+    thread.join(5.0)
+    assert not thread.is_alive() and isinstance(errors[0], ConnectionLost)
+    start = time.monotonic()
+    b.lock(True, 5.0)  # granted once the server notices: RULE B.6.77, not after the minute
+    assert time.monotonic() - start < 2.0
+    b.unlock()
+
+
 def test_srq_is_delivered_through_the_interrupt_channel(open_session: Opener) -> None:
     session = open_session()
     received: list[int] = []
@@ -411,3 +436,103 @@ def test_instrument_gone_is_connection_lost(open_session: Opener, sim_process: C
     assert not session.connected
     with pytest.raises(ConnectionLost, match="reopen"):
         session.read_stb()
+
+
+# ------------------------------------------------------------------ simulator conformance (raw RPC)
+class RawCore:
+    """A bare RPC client on the simulator's core port, for calls the driver would never make."""
+
+    def __init__(self, resource: str) -> None:
+        res = parse_resource(resource)
+        assert res.port is not None
+        self.sock = socket.create_connection((res.host, res.port), timeout=5)
+        self.reader = rpc.RecordReader()
+        self.xid = 0
+
+    def raw(self, prog: int, vers: int, proc: int, args: bytes) -> rpc.Reply:
+        self.xid += 1
+        self.sock.sendall(rpc.frame_record(rpc.encode_call(self.xid, prog, vers, proc, args)))
+        records: list[bytes] = []
+        while not records:
+            records = self.reader.feed(self.sock.recv(65536))
+        reply = rpc.decode_reply(records[0])
+        assert reply.xid == self.xid
+        return reply
+
+    def call(self, proc: vxi11.Proc, params: vxi11._Struct) -> Any:
+        return vxi11.decode_result(proc, self.raw(vxi11.DEVICE_CORE_PROG, 1, proc, params.encode()))
+
+    def link(self, lock_device: bool = False, lock_timeout: int = 0) -> vxi11.CreateLinkResp:
+        return self.call(vxi11.Proc.CREATE_LINK, vxi11.CreateLinkParms(1, lock_device, lock_timeout, b"inst0"))
+
+
+@pytest.fixture
+def raw_core(sim: str) -> Iterator[Callable[[], RawCore]]:
+    clients: list[RawCore] = []
+
+    def make() -> RawCore:
+        clients.append(RawCore(sim))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.sock.close()
+
+
+def test_sim_answers_rpc_level_errors(raw_core: Callable[[], RawCore]) -> None:
+    core = raw_core()
+    assert core.raw(vxi11.DEVICE_CORE_PROG + 7, 1, 10, b"").accept_stat is rpc.AcceptStat.PROG_UNAVAIL
+    mismatch = core.raw(vxi11.DEVICE_CORE_PROG, 2, 10, b"")
+    assert mismatch.accept_stat is rpc.AcceptStat.PROG_MISMATCH and mismatch.mismatch == (1, 1)
+    assert core.raw(vxi11.DEVICE_CORE_PROG, 1, 21, b"").accept_stat is rpc.AcceptStat.PROC_UNAVAIL
+    assert core.raw(vxi11.DEVICE_CORE_PROG, 1, 10, b"\x00\x00").accept_stat is rpc.AcceptStat.GARBAGE_ARGS
+    assert core.link().error == 0  # the connection survived all of that
+
+
+def test_sim_link_level_errors(raw_core: Callable[[], RawCore]) -> None:
+    core = raw_core()
+    P, link = vxi11.Proc, core.link()
+    assert link.error == 0 and link.max_recv_size == 1 << 20 and link.abort_port
+    lid = link.lid
+    assert core.call(P.CREATE_LINK, vxi11.CreateLinkParms(1, False, 0, b"bad name!")).error == 1
+    assert core.call(P.DEVICE_READSTB, vxi11.DeviceGenericParms(lid + 1000, 0, 0, 100)).error == 4
+    oversized = vxi11.DeviceWriteParms(lid, 1000, 0, vxi11.OpFlag.END, bytes((1 << 20) + 1))
+    assert core.call(P.DEVICE_WRITE, oversized) == vxi11.DeviceWriteResp(5, 0)
+    docmd = vxi11.DeviceDocmdParms(lid, 0, 100, 0, 0x020001, True, 2, b"\x00\x01")
+    assert core.call(P.DEVICE_DOCMD, docmd).error == 8
+    assert core.call(P.DEVICE_UNLOCK, vxi11.DeviceLink(lid)).error == 12
+    assert core.call(P.DEVICE_LOCK, vxi11.DeviceLockParms(lid, 0, 0)).error == 0
+    assert core.call(P.DEVICE_LOCK, vxi11.DeviceLockParms(lid, 0, 0)).error == 11  # no nesting on the wire
+    assert core.call(P.DESTROY_INTR_CHAN, vxi11.Void()).error == 6
+    udp = vxi11.DeviceRemoteFunc(0x7F000001, 9, vxi11.DEVICE_INTR_PROG, 1, vxi11.DEVICE_UDP)
+    assert core.call(P.CREATE_INTR_CHAN, udp).error == 8
+    assert core.call(P.DESTROY_LINK, vxi11.DeviceLink(lid)).error == 0
+    assert core.call(P.DESTROY_LINK, vxi11.DeviceLink(lid)).error == 4
+
+
+def test_sim_device_read_reasons(raw_core: Callable[[], RawCore]) -> None:
+    core = raw_core()
+    P, R, lid = vxi11.Proc, vxi11.ReadReason, core.link().lid
+
+    def read(size: int, flags: int = 0, term: int = 0) -> vxi11.DeviceReadResp:
+        return core.call(P.DEVICE_READ, vxi11.DeviceReadParms(lid, size, 1000, 0, flags, term))
+
+    assert core.call(P.DEVICE_WRITE, vxi11.DeviceWriteParms(lid, 1000, 0, 8, b"ECHO? ab,cdefg")).error == 0
+    assert (r := read(0)).reason == R.REQCNT and bytes(r.data) == b""
+    assert (r := read(2)).reason == R.REQCNT and bytes(r.data) == b"ab"
+    assert (r := read(100, vxi11.OpFlag.TERMCHRSET, ord(","))).reason == R.CHR and bytes(r.data) == b","
+    assert (r := read(6)).reason == R.END | R.REQCNT and bytes(r.data) == b"cdefg\n"
+    timed_out = core.call(P.DEVICE_READ, vxi11.DeviceReadParms(lid, 10, 50, 0, 0, 0))
+    assert (timed_out.error, timed_out.reason, bytes(timed_out.data)) == (15, 0, b"")
+
+
+def test_sim_create_link_with_lock_device_waits_for_the_lock(raw_core: Callable[[], RawCore]) -> None:
+    first, second = raw_core(), raw_core()
+    holder = first.link(lock_device=True)
+    assert holder.error == 0
+    start = time.monotonic()
+    assert second.link(lock_device=True, lock_timeout=200).error == 11
+    assert time.monotonic() - start >= 0.2
+    assert second.link(lock_device=False).error == 0  # links without lockDevice ignore locks
+    assert first.call(vxi11.Proc.DESTROY_LINK, vxi11.DeviceLink(holder.lid)).error == 0
+    assert second.link(lock_device=True, lock_timeout=0).error == 0
