@@ -303,6 +303,16 @@ def test_abort_unblocks_without_clearing(session: VicpSession) -> None:
     assert session.read_into(memoryview(buf), 5, None) == (2, True) and buf[:2] == b"1\n"  # answer kept
 
 
+def test_clear_between_calls_ends_the_workers_operation(session: VicpSession) -> None:
+    session.begin()                                        # what the worker does per operation
+    session.write(b"SLOW? 200", 5)
+    session.clear()                                        # e.g. the control thread, between two calls
+    with pytest.raises(Aborted, match="ended this operation"):
+        session.read_into(memoryview(bytearray(16)), 5, None)
+    session.begin()                                        # the next operation is unaffected
+    assert query(session, b"ECHO? next") == b"next\n"
+
+
 def test_clear_in_the_middle_of_a_64_mib_block(session: VicpSession) -> None:
     session.write(b"WAV:POIN %d" % BLOCK_POINTS, 5)
     session.write(b"WAV:DATA?", 5)

@@ -81,6 +81,8 @@ class VicpSession(Session):
         self._oob_lock = threading.Lock()        # one urgent-data serial poll at a time
         self._abort = threading.Event()          # set while clear()/abort() waits for the wire
         self._interrupts = 0                     # clear()/abort()/close() calls under way
+        self._interrupt_epoch = 0                # counts clear()/abort()/close() calls
+        self._op_epoch: int | None = None        # epoch when the worker's current operation began
         self._interrupt_done = threading.Condition()
         self._wake_r, self._wake_w = _pipe()     # wakes poll() when clear()/abort() is called
         self._op_generation = 0
@@ -134,6 +136,10 @@ class VicpSession(Session):
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    def begin(self) -> None:
+        """A worker operation starts: a clear()/abort() before it ends ends it (its next call raises Aborted)."""
+        self._op_epoch = self._interrupt_epoch
 
     def __del__(self) -> None:
         for name in ("_wake_r", "_wake_w", "_mon_r", "_mon_w"):
@@ -525,6 +531,8 @@ class VicpSession(Session):
         self._acquire_wire()
         try:
             try:
+                if self._op_epoch is not None and self._op_epoch != self._interrupt_epoch:
+                    raise Aborted(f"{self.resource}: {what} aborted: a device clear ended this operation")
                 if self._sock is not None and self._tx_broken:
                     self._log.warning("vicp.reconnect_after_partial_write")
                     self._connect(self.attributes.timeout)
@@ -565,6 +573,7 @@ class VicpSession(Session):
         """Make a running operation raise Aborted, then hold the wire for the caller."""
         with self._interrupt_done:
             self._interrupts += 1
+            self._interrupt_epoch += 1
             self._abort.set()
         _poke(self._wake_w)
         try:
