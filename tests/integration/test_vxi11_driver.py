@@ -23,6 +23,8 @@ import pytest
 from visabus.sdk.errors import (
     Aborted,
     ConnectionLost,
+    IOFailure,
+    NotSupported,
     ResourceLocked,
     ResourceNotFound,
     SessionNotLocked,
@@ -536,3 +538,187 @@ def test_sim_create_link_with_lock_device_waits_for_the_lock(raw_core: Callable[
     assert second.link(lock_device=False).error == 0  # links without lockDevice ignore locks
     assert first.call(vxi11.Proc.DESTROY_LINK, vxi11.DeviceLink(holder.lid)).error == 0
     assert second.link(lock_device=True, lock_timeout=0).error == 0
+
+
+# ------------------------------------------------------------- scripted peers: faults the sim never makes
+Responder = Callable[["FakeInstrument", rpc.Call, socket.socket], None]
+
+
+class FakeInstrument:
+    """A scripted VXI-11 core server in this process. create_link and destroy_link are answered
+    normally (no abort channel); every other call goes to `respond`, which sends whatever bytes the
+    test wants, when it wants."""
+
+    def __init__(self, respond: Responder, max_recv_size: int = 1 << 20) -> None:
+        self.respond = respond
+        self.max_recv_size = max_recv_size
+        self.calls: list[rpc.Call] = []
+        self.intr: socket.socket | None = None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.resource = f"TCPIP::127.0.0.1,{self.listener.getsockname()[1]}::inst0::INSTR"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            reader = rpc.RecordReader()
+            try:
+                while chunk := conn.recv(65536):
+                    for record in reader.feed(chunk):
+                        call = rpc.decode_call(record)
+                        self.calls.append(call)
+                        if call.proc == vxi11.Proc.CREATE_LINK:
+                            conn.sendall(reply_to(call, vxi11.CreateLinkResp(0, 7, 0, self.max_recv_size)))
+                        elif call.proc == vxi11.Proc.DESTROY_LINK:
+                            conn.sendall(reply_to(call, vxi11.DeviceError(0)))
+                        else:
+                            self.respond(self, call, conn)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.intr is not None:
+            self.intr.close()
+        self.thread.join(5)
+
+
+def reply_to(call: rpc.Call, result: vxi11._Struct, max_fragment: int = rpc.MAX_FRAGMENT, pad: bytes = b"") -> bytes:
+    return rpc.frame_record(rpc.encode_reply(call.xid, result.encode() + pad), max_fragment)
+
+
+@pytest.fixture
+def fake() -> Iterator[Callable[..., tuple[FakeInstrument, Vxi11Session]]]:
+    made: list[tuple[FakeInstrument, Vxi11Session]] = []
+
+    def make(respond: Responder, max_recv_size: int = 1 << 20) -> tuple[FakeInstrument, Vxi11Session]:
+        instrument = FakeInstrument(respond, max_recv_size)
+        session = Vxi11Session(parse_resource(instrument.resource))
+        made.append((instrument, session))
+        session.open(5.0)
+        return instrument, session
+
+    yield make
+    for instrument, session in made:
+        session.close()
+        instrument.close()
+
+
+def test_read_reply_in_many_fragments_with_padding(fake: Callable[..., tuple[FakeInstrument, Vxi11Session]]) -> None:
+    def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
+        resp = vxi11.DeviceReadResp(0, vxi11.ReadReason.END, b"fragmented answer\n")
+        conn.sendall(reply_to(call, resp, max_fragment=7, pad=bytes(8)))  # ICS 8065-style trailing pad
+
+    _, session = fake(respond)
+    buffer = memoryview(bytearray(64))
+    assert session.read_into(buffer, 2.0, None) == (18, True)
+    assert buffer[:18] == b"fragmented answer\n"
+    assert session.read_into(buffer, 2.0, None) == (18, True)  # the stream stayed in step
+
+
+def test_late_reply_of_a_timed_out_call_is_skipped(fake: Callable[..., tuple[FakeInstrument, Vxi11Session]]) -> None:
+    held: list[rpc.Call] = []
+
+    def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
+        if not held:
+            held.append(call)  # no answer until the client has given up
+            return
+        conn.sendall(reply_to(held[0], vxi11.DeviceReadResp(0, vxi11.ReadReason.END, b"old\n")))
+        conn.sendall(reply_to(call, vxi11.DeviceReadResp(0, vxi11.ReadReason.END, b"new\n")))
+
+    _, session = fake(respond)
+    buffer = memoryview(bytearray(64))
+    with pytest.raises(VisaTimeout, match="no reply"):
+        session.read_into(buffer, 0.01, None)
+    assert session.connected
+    assert session.read_into(buffer, 2.0, None) == (4, True) and buffer[:4] == b"new\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        (lambda call: rpc.frame_record(rpc.encode_reply(call.xid + 5, vxi11.DeviceError(0).encode())),
+         "does not match the call's xid"),
+        (lambda call: b"\xff\xff\xff\xff" + bytes(64), "exceeds"),
+        (lambda call: reply_to(call, vxi11.DeviceReadResp(0, 4, b"x" * 65)), "65 bytes, 64 were asked for"),
+        (lambda call: rpc.frame_record(b"\x00\x00\x00"), "truncated"),
+    ],
+    ids=["future-xid", "2GiB-record", "more-than-asked", "truncated"],
+)
+def test_malformed_replies_are_io_failures_that_end_the_session(
+    fake: Callable[..., tuple[FakeInstrument, Vxi11Session]], answer: Callable[[rpc.Call], bytes], message: str
+) -> None:
+    def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
+        conn.sendall(answer(call))
+
+    _, session = fake(respond)
+    with pytest.raises(IOFailure, match=message):
+        session.read_into(memoryview(bytearray(64)), 2.0, None)
+    assert not session.connected
+
+
+def test_unimplemented_procedure_is_not_supported(fake: Callable[..., tuple[FakeInstrument, Vxi11Session]]) -> None:
+    def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
+        conn.sendall(rpc.frame_record(rpc.encode_reply(call.xid, accept_stat=rpc.AcceptStat.PROC_UNAVAIL)))
+
+    _, session = fake(respond)
+    with pytest.raises(NotSupported, match="PROC_UNAVAIL"):
+        session.trigger()
+    assert session.connected
+
+
+def test_max_recv_size_0_falls_back_to_4096_byte_writes(
+    fake: Callable[..., tuple[FakeInstrument, Vxi11Session]],
+) -> None:
+    def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
+        params = vxi11.DeviceWriteParms.decode(call.args)
+        conn.sendall(reply_to(call, vxi11.DeviceWriteResp(0, len(params.data))))
+
+    inst, session = fake(respond, max_recv_size=0)  # old Infiniium firmware
+    assert session.write(bytes(10000), 2.0) == 10000
+    writes = [vxi11.DeviceWriteParms.decode(c.args) for c in inst.calls if c.proc == vxi11.Proc.DEVICE_WRITE]
+    assert [len(w.data) for w in writes] == [4096, 4096, 1808]
+    assert [w.flags for w in writes] == [0, 0, vxi11.OpFlag.END]
+
+
+def test_srq_under_a_sloppy_record_length_is_still_delivered(
+    fake: Callable[..., tuple[FakeInstrument, Vxi11Session]],
+) -> None:
+    """Keithley DMM6500 announces 4 bytes more than it sends in device_intr_srq."""
+
+    def send_srq(inst: FakeInstrument, handle: bytes, sloppy: bool) -> None:
+        assert inst.intr is not None
+        message = vxi11.encode_call(99, vxi11.Proc.DEVICE_INTR_SRQ, vxi11.DeviceSrqParms(handle))
+        inst.intr.sendall(rpc.record_mark(len(message) + (4 if sloppy else 0)) + message)
+
+    def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
+        if call.proc == vxi11.Proc.CREATE_INTR_CHAN:
+            func = vxi11.DeviceRemoteFunc.decode(call.args)
+            host = socket.inet_ntoa(func.host_addr.to_bytes(4, "big"))
+            inst.intr = socket.create_connection((host, func.host_port), timeout=5)
+            conn.sendall(reply_to(call, vxi11.DeviceError(0)))
+        elif call.proc == vxi11.Proc.DEVICE_ENABLE_SRQ:
+            params = vxi11.DeviceEnableSrqParms.decode(call.args)
+            conn.sendall(reply_to(call, vxi11.DeviceError(0)))
+            if params.enable:
+                send_srq(inst, params.handle, sloppy=True)
+                send_srq(inst, params.handle, sloppy=False)  # the channel must still be in step
+        elif call.proc == vxi11.Proc.DEVICE_READSTB:
+            conn.sendall(reply_to(call, vxi11.DeviceReadStbResp(0, 0x41)))
+
+    _, session = fake(respond)
+    received: list[int] = []
+    both = threading.Event()
+
+    def handler(stb: int) -> None:
+        received.append(stb)
+        if len(received) == 2:
+            both.set()
+
+    session.enable_srq(handler)
+    assert both.wait(5.0)
+    assert received == [0x41, 0x41]

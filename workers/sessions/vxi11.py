@@ -299,23 +299,16 @@ class _InterruptServer:
 
     def _serve(self, conn: socket.socket) -> None:
         reader = rpc.RecordReader(max_record_size=64 * 1024)
-        early = False  # a call was taken from an incomplete record (sloppy record length)
         while not self._stopping:
-            conn.settimeout(0.5 if early else None)
-            try:
-                chunk = conn.recv(4096)
-            except TimeoutError:
-                reader.reset()  # the announced bytes never came: drop them, stay in step
-                early = False
-                continue
+            chunk = conn.recv(4096)
             if not chunk:
                 return
             for record in reader.feed(chunk):
-                if not early:
-                    self._dispatch(record, conn)
-                early = False
-            if reader.in_record and not early:
-                early = self._dispatch(reader.partial(), conn, strict=True)
+                self._dispatch(record, conn)
+            if reader.in_record and self._dispatch(reader.partial(), conn, strict=True):
+                # A whole call under a record mark that announced more bytes than were sent (Keithley
+                # DMM6500): waiting for them would stall every later SRQ, so take it and resync.
+                reader.reset()
 
     def _dispatch(self, record: bytes, conn: socket.socket, strict: bool = False) -> bool:
         try:
