@@ -99,7 +99,8 @@ def _split_parts(text: str) -> list[str]:
 
 
 def _parse_port(text: str, what: str, resource: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    # [0-9] rather than isdigit(): "²" is a digit to isdigit() but int() refuses it, and "٥٠٢٥" is not a port.
+    if not re.fullmatch(r"[0-9]+", text) or not 0 < int(text) < 65536:
         raise InvalidResourceName(f"{what} {text!r} in {resource!r} is not a TCP port (1-65535)")
     return int(text)
 
@@ -149,6 +150,8 @@ def parse_resource(text: str) -> Resource:
     if suffix in ("INSTR", "SOCKET"):
         klass = suffix
         rest = rest[:-1]
+    if not rest:  # "TCPIP::INSTR": the only part after the interface was the class
+        raise InvalidResourceName(f"missing host address in {resource!r}")
     if interface == "VICP":
         if klass != "INSTR" or len(rest) != 1:
             raise InvalidResourceName(f"{resource!r}: VICP resources are VICP[board]::host[,port][::INSTR]")
@@ -167,8 +170,8 @@ def parse_resource(text: str) -> Resource:
     if device.lower().startswith("hislip"):
         if host_port is not None:
             raise InvalidResourceName(f"{resource!r}: give the HiSLIP port as hislipN,port, not host,port")
-        name, _, port_text = device.partition(",")
-        port = _parse_port(port_text, "HiSLIP port", resource) if port_text else None
+        name, comma, port_text = device.partition(",")
+        port = _parse_port(port_text, "HiSLIP port", resource) if comma else None
         return Resource(Protocol.HISLIP, host, board, name.lower(), port)
     m_dev = re.fullmatch(r"(inst|gpib|usb|hpib)(\d+)((?:,\d+){0,2})", device, re.IGNORECASE)
     device = (m_dev.group(1).lower() + m_dev.group(2) + m_dev.group(3)) if m_dev else device
@@ -205,7 +208,10 @@ def _visa_pattern_to_regex(pattern: str) -> re.Pattern[str]:
         else:
             out.append(re.escape(ch))
         i += 1
-    return re.compile("(?:" + "".join(out) + r")\Z", re.IGNORECASE)
+    try:
+        return re.compile("(?:" + "".join(out) + r")\Z", re.IGNORECASE)
+    except re.error as exc:  # "*", "(?*", "?**"...: callers handle InvalidResourceName, not re.error
+        raise InvalidResourceName(f"pattern {pattern!r} is not a valid VISA expression ({exc.msg})") from None
 
 
 def match_pattern(pattern: str, resource: str) -> bool:
