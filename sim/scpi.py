@@ -318,7 +318,8 @@ def _cmd_err_q(s: ScpiSession, arg: str) -> tuple[bytes, float]:
     if not s._errors:
         return _reply('0,"No error"')
     code, text = s._errors.popleft()
-    return _reply(f'{code},"{text}"')
+    # IEEE 488.2 string response data: a double quote inside the string is doubled.
+    return _reply(f'{code},"{text.replace(chr(34), chr(34) * 2)}"')
 
 
 def _cmd_echo_q(s: ScpiSession, arg: str) -> tuple[bytes, float]:
