@@ -350,6 +350,18 @@ def test_mav_in_overlapped_mode_follows_the_last_delivered_response() -> None:
     assert link.status() & 0x10 == 0
 
 
+def test_overlapped_mav_is_settled_as_soon_as_the_last_message_is_handed_out() -> None:
+    rack = Rack(prefer_overlap=True, hold_responses=True)
+    link = Link(rack).connect()
+    link.write("ECHO? z\n")
+    session, ticket = rack.held.pop()
+    messages = session.response_messages(ticket, rack.engines[1].wait_response(timeout=0) or b"")
+    last = next(messages)  # the driver sends it; the generator is not resumed yet
+    assert last.type is T.DATA_END
+    link.client.response_delivered(last.message_id)
+    assert link.status() & 0x10 == 0
+
+
 # ------------------------------------------------------------------------------------ interrupted
 def _interrupt(rack: Rack, link: Link) -> tuple[h.Message, h.Message]:
     link.write("ECHO? first\n")
@@ -386,6 +398,19 @@ def test_interrupted_sync_first_holds_sends_until_async_interrupted() -> None:
         link.client.data_messages(b"*IDN?\n")
     link.client.receive_async_interrupted(async_msg.message_id)
     assert link.client.may_send and link.client.accept_data(T.DATA_END, FIRST + 2)
+
+
+@pytest.mark.parametrize("order", ["AASS", "ASAS", "SSAA", "SAAS", "ASSA"])
+def test_two_interruptions_pair_up_by_message_id_in_any_order(order: str) -> None:
+    client = Link(Rack()).connect().client
+    queues = {"A": [FIRST + 2, FIRST + 4], "S": [FIRST + 2, FIRST + 4]}
+    for side in order:
+        message_id = queues[side].pop(0)
+        if side == "A":
+            client.receive_async_interrupted(message_id)
+        else:
+            client.receive_interrupted(message_id)
+    assert client.may_send and client.accept_data(T.DATA_END, client.last_sent_id)
 
 
 # ------------------------------------------------------------------------------------ device clear

@@ -102,8 +102,9 @@ class HislipClient:
         self._next_id = h.INITIAL_MESSAGE_ID
         self._rmt_pending = False
         self._last_delivered_id = h.MESSAGE_ID_NONE_SENT
-        self._discard_until_interrupted = False
-        self._hold_until_async_interrupted = False
+        # Interrupted / AsyncInterrupted arrive in pairs with the same MessageID, in either order.
+        self._unpaired_sync: set[int] = set()  # Interrupted seen, AsyncInterrupted not yet: hold sends
+        self._unpaired_async: set[int] = set()  # AsyncInterrupted seen, Interrupted not yet: discard data
 
     # ------------------------------------------------------------------ bookkeeping views
     @property
@@ -126,7 +127,7 @@ class HislipClient:
     @property
     def may_send(self) -> bool:
         """False while Interrupted arrived and its AsyncInterrupted twin has not (spec: send nothing)."""
-        return not self._hold_until_async_interrupted
+        return not self._unpaired_sync
 
     @property
     def max_data_payload(self) -> int:
@@ -226,7 +227,7 @@ class HislipClient:
     # ------------------------------------------------------------------ receiving on the sync channel
     def accept_data(self, message_type: h.MessageType, message_id: int) -> bool:
         """Should a server Data/DataEnd with this MessageID reach the application?"""
-        if self.phase is not Phase.READY or self._discard_until_interrupted:
+        if self.phase is not Phase.READY or self._unpaired_async:
             return False
         if self.overlapped:
             return True
@@ -241,17 +242,17 @@ class HislipClient:
 
     def receive_interrupted(self, message_id: int) -> None:
         """Interrupted (sync channel). Buffered responses must be dropped by the caller."""
-        if self._discard_until_interrupted:
-            self._discard_until_interrupted = False
+        if message_id in self._unpaired_async:
+            self._unpaired_async.discard(message_id)
         else:
-            self._hold_until_async_interrupted = True
+            self._unpaired_sync.add(message_id)
 
     def receive_async_interrupted(self, message_id: int) -> None:
         """AsyncInterrupted (async channel). Buffered responses must be dropped by the caller."""
-        if self._hold_until_async_interrupted:
-            self._hold_until_async_interrupted = False
+        if message_id in self._unpaired_sync:
+            self._unpaired_sync.discard(message_id)
         else:
-            self._discard_until_interrupted = True
+            self._unpaired_async.add(message_id)
 
     # ------------------------------------------------------------------ async transactions
     def status_query(self) -> h.Message:

@@ -206,9 +206,10 @@ class ServerSession:
                 else:
                     message_id = ticket.message_id
                     self._mav = True
-                if last:
+                if last:  # bookkeeping first: a status query may run before the driver resumes us
                     self._rmt_expected = not self.overlapped
                     self._last_end_sent = message_id
+                    self._responding = False
                     yield h.data_end(message_id, piece)
                     return
                 yield h.data(message_id, piece)
