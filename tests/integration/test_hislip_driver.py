@@ -59,7 +59,7 @@ class Simulator:
 
     def __init__(self, log_path: Path, mode: str, max_message_size: int = 1 << 20) -> None:
         self.mode = mode
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child; closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SIM, IDENTITY, mode, str(max_message_size)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
@@ -203,6 +203,7 @@ def test_pipelined_queries(sim: Simulator, open_session: Opener) -> None:
     buffer = bytearray(64)
     for _ in range(3 if session.overlapped else 1):
         n, end = session.read_into(memoryview(buffer), 5, None)
+        assert end
         replies.append(bytes(buffer[:n]))
     if session.overlapped:  # overlapped: every response, in order
         assert replies == [b"one\n", b"two\n", b"three\n"]
