@@ -245,6 +245,30 @@ def test_clear_during_a_blocked_read(open_session: Opener) -> None:
     assert query(session, "ECHO? after") == b"after\n"
 
 
+def test_clear_drains_a_response_already_in_flight(open_session: Opener) -> None:
+    session = open_session()
+    session.write(b"WAV:POIN 4000000\n", 5)
+    try:
+        session.write(b"WAV:DATA?\n", 5)
+        n, end = session.read_into(memoryview(bytearray(1024)), 5, None)  # the block is on its way
+        assert (n, end) == (1024, False)
+        session.clear()
+        assert query(session, "ECHO? clean") == b"clean\n"
+    finally:
+        session.write(b"WAV:POIN 1000\n", 5)
+
+
+def test_clear_between_write_and_read_aborts_the_operation(open_session: Opener) -> None:
+    session = open_session()
+    session.begin()  # the worker starts a query operation
+    session.write(b"ECHO? lost\n", 5)
+    session.clear()  # lands before the operation's read
+    with pytest.raises(Aborted):
+        session.read_into(memoryview(bytearray(64)), 5, None)
+    session.begin()  # the next operation is unaffected
+    assert query(session, "ECHO? next") == b"next\n"
+
+
 def test_read_stb_reports_mav_until_the_response_is_read(open_session: Opener) -> None:
     session = open_session()
     assert session.read_stb() & 0x10 == 0

@@ -90,6 +90,7 @@ class HislipSession(Session):
         self._header_fill = 0
         self._owed = 0  # bytes of a partly sent sync message (aborted/timed-out write)
         self._held: dict[str, int] = {}  # "exclusive"/"shared" -> nesting count
+        self._op_generation: int | None = None  # abort generation the current worker operation began in
 
     def _wanted_max_size(self) -> int:
         return max(int(self.attributes.max_message_kb) * 1024, h.MIN_MESSAGE_SIZE)
@@ -131,6 +132,7 @@ class HislipSession(Session):
         async_sock.settimeout(ASYNC_POLL)
         self._async = async_sock
         self._sync = SyncSocket(sync_sock, what)
+        self._op_generation = None
         self._closing = False
         self._reader = threading.Thread(target=self._async_loop, name=f"hislip-async-{self.port}", daemon=True)
         self._reader.start()
@@ -175,6 +177,17 @@ class HislipSession(Session):
         self._sync = self._async = None
         self._reader = None
 
+    def begin(self) -> None:
+        """A worker operation starts: a clear or abort from now on ends all of its sync I/O with
+        Aborted — also when it lands between the operation's write and its read."""
+        sync = self._sync
+        self._op_generation = sync.generation if sync is not None else None
+
+    def _generation(self, sync: SyncSocket) -> int:
+        generation = sync.generation if self._op_generation is None else self._op_generation
+        sync.check(generation)
+        return generation
+
     @property
     def connected(self) -> bool:
         return self._sync is not None and self._sync.lost is None and not self._closing
@@ -214,7 +227,7 @@ class HislipSession(Session):
         deadline = deadline_after(timeout)
         sync = self._acquire_sync(deadline)
         try:
-            generation = sync.generation
+            generation = self._generation(sync)
             self._wait_may_send(deadline)
             with self._state_lock:
                 if not self._proto.overlapped and self._inbound is not None:
@@ -231,7 +244,7 @@ class HislipSession(Session):
         deadline = deadline_after(self.attributes.timeout)
         sync = self._acquire_sync(deadline)
         try:
-            generation = sync.generation
+            generation = self._generation(sync)
             self._wait_may_send(deadline)
             with self._state_lock:
                 message = self._proto.trigger()
@@ -264,7 +277,7 @@ class HislipSession(Session):
             raise InvalidParameter(f"{self.resource}: read_into needs a non-empty buffer")
         sync = self._acquire_sync(deadline)
         try:
-            return self._read_locked(sync, view, deadline, term_char, sync.generation)
+            return self._read_locked(sync, view, deadline, term_char, self._generation(sync))
         except RemoteProtocolError as exc:
             raise self._protocol_failure(exc) from None
         finally:
