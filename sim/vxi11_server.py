@@ -475,7 +475,12 @@ class Vxi11Server(InstrumentServer):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._abort = _AbortListener((host, 0), self, family)
         self.abort_port: int = self._abort.server_address[1]
-        self._portmapper = PortmapperServer(host, portmapper_port)
+        try:
+            self._portmapper = PortmapperServer(host, portmapper_port)
+        except OSError:  # e.g. port 111 without privileges, or rpcbind already there
+            self._abort.server_close()
+            self._server.server_close()
+            raise
         self._portmapper.register(vxi11.DEVICE_CORE_PROG, vxi11.DEVICE_CORE_VERS, IPPROTO_TCP, self.port)
         self._abort_thread: threading.Thread | None = None
 

@@ -685,15 +685,15 @@ def test_max_recv_size_0_falls_back_to_4096_byte_writes(
     assert [w.flags for w in writes] == [0, 0, vxi11.OpFlag.END]
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["separate", "same-segment"])
 def test_srq_under_a_sloppy_record_length_is_still_delivered(
-    fake: Callable[..., tuple[FakeInstrument, Vxi11Session]],
+    fake: Callable[..., tuple[FakeInstrument, Vxi11Session]], together: bool
 ) -> None:
     """Keithley DMM6500 announces 4 bytes more than it sends in device_intr_srq."""
 
-    def send_srq(inst: FakeInstrument, handle: bytes, sloppy: bool) -> None:
-        assert inst.intr is not None
+    def srq(handle: bytes, sloppy: bool) -> bytes:
         message = vxi11.encode_call(99, vxi11.Proc.DEVICE_INTR_SRQ, vxi11.DeviceSrqParms(handle))
-        inst.intr.sendall(rpc.record_mark(len(message) + (4 if sloppy else 0)) + message)
+        return rpc.record_mark(len(message) + (4 if sloppy else 0)) + message
 
     def respond(inst: FakeInstrument, call: rpc.Call, conn: socket.socket) -> None:
         if call.proc == vxi11.Proc.CREATE_INTR_CHAN:
@@ -704,9 +704,13 @@ def test_srq_under_a_sloppy_record_length_is_still_delivered(
         elif call.proc == vxi11.Proc.DEVICE_ENABLE_SRQ:
             params = vxi11.DeviceEnableSrqParms.decode(call.args)
             conn.sendall(reply_to(call, vxi11.DeviceError(0)))
-            if params.enable:
-                send_srq(inst, params.handle, sloppy=True)
-                send_srq(inst, params.handle, sloppy=False)  # the channel must still be in step
+            if params.enable and inst.intr is not None:
+                first, second = srq(params.handle, sloppy=True), srq(params.handle, sloppy=False)
+                if together:
+                    inst.intr.sendall(first + second)  # the second's mark must not be taken as padding
+                else:
+                    inst.intr.sendall(first)
+                    inst.intr.sendall(second)
         elif call.proc == vxi11.Proc.DEVICE_READSTB:
             conn.sendall(reply_to(call, vxi11.DeviceReadStbResp(0, 0x41)))
 

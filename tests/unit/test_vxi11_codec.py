@@ -188,3 +188,62 @@ def test_error_mapping(error: int, proc: v.Proc, waitlock: bool, status: StatusC
 def test_error_table_covers_every_defined_code() -> None:
     assert set(v.VXI11_TO_VISA) == {int(c) for c in v.ErrorCode}
     assert set(v.ERROR_TEXT) == {int(c) for c in v.ErrorCode}
+
+
+# ------------------------------------------------------------------------- interrupt channel stream
+def srq_record(handle: bytes, *, announce_extra: int = 0, pad: bytes = b"", xid: int = 1) -> bytes:
+    message = v.encode_call(xid, v.Proc.DEVICE_INTR_SRQ, v.DeviceSrqParms(handle))
+    return rpc.record_mark(len(message) + announce_extra) + message + pad
+
+
+def handles(calls: list[rpc.Call]) -> list[bytes]:
+    return [v.DeviceSrqParms.decode(c.args).handle for c in calls]
+
+
+def test_intr_stream_well_formed_records_byte_by_byte() -> None:
+    stream = srq_record(b"a", xid=1) + srq_record(b"bcdef", xid=2)
+    reader = v.InterruptStreamReader()
+    calls: list[rpc.Call] = []
+    for i in range(len(stream)):
+        calls += reader.feed(stream[i : i + 1])
+    assert handles(calls) == [b"a", b"bcdef"] and [c.xid for c in calls] == [1, 2]
+
+
+def test_intr_stream_takes_a_call_whose_mark_announced_4_bytes_too_many() -> None:
+    reader = v.InterruptStreamReader()
+    assert handles(reader.feed(srq_record(b"dmm", announce_extra=4))) == [b"dmm"]  # no waiting
+    assert handles(reader.feed(srq_record(b"next"))) == [b"next"]  # still in step
+
+
+def test_intr_stream_sloppy_record_followed_at_once_by_the_next() -> None:
+    reader = v.InterruptStreamReader()
+    stream = srq_record(b"one", announce_extra=4) + srq_record(b"two")
+    assert handles(reader.feed(stream)) == [b"one", b"two"]
+
+
+def test_intr_stream_skips_announced_zero_padding_even_when_late() -> None:
+    reader = v.InterruptStreamReader()
+    assert handles(reader.feed(srq_record(b"p", announce_extra=8, pad=bytes(4)))) == [b"p"]
+    assert reader.feed(bytes(4)) == []  # the rest of the padding arrives later
+    assert handles(reader.feed(srq_record(b"q"))) == [b"q"]
+
+
+def test_intr_stream_multi_fragment_call() -> None:
+    message = v.encode_call(5, v.Proc.DEVICE_INTR_SRQ, v.DeviceSrqParms(b"frag"))
+    stream = rpc.frame_record(message, max_fragment=10)
+    assert handles(v.InterruptStreamReader().feed(stream)) == [b"frag"]
+
+
+def test_intr_stream_other_calls_are_delimited_by_their_mark() -> None:
+    other = rpc.frame_record(rpc.encode_call(3, v.DEVICE_INTR_PROG, 1, 0, b"\x00" * 8))
+    calls = v.InterruptStreamReader().feed(other + srq_record(b"z"))
+    assert [(c.proc, bytes(c.args)) for c in calls[:1]] == [(0, bytes(8))]
+    assert handles(calls[1:]) == [b"z"]
+
+
+def test_intr_stream_rejects_oversized_records_and_handles() -> None:
+    with pytest.raises(RemoteProtocolError, match="record over 65536 bytes"):
+        v.InterruptStreamReader().feed(rpc.record_mark(1 << 20) + bytes(8))
+    huge_handle = srq_record(b"h")[:44] + (5000).to_bytes(4, "big")
+    with pytest.raises(RemoteProtocolError, match="handle of 5000 bytes"):
+        v.InterruptStreamReader().feed(huge_handle)

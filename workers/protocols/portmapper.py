@@ -295,14 +295,21 @@ class PortmapperServer:
         self.registry = PortmapRegistry()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._tcp = socket.socket(family, socket.SOCK_STREAM)
-        self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._tcp.bind((host, port))
-        self.tcp_port: int = self._tcp.getsockname()[1]
         self._udp = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self._udp.bind((host, self.tcp_port))
+            self._tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._tcp.bind((host, port))
+            try:
+                self._udp.bind((host, self._tcp.getsockname()[1]))
+            except OSError:
+                if port:  # a fixed port (111) must be had on both transports
+                    raise
+                self._udp.bind((host, 0))  # ephemeral: the numbers may differ
         except OSError:
-            self._udp.bind((host, port))
+            self._tcp.close()
+            self._udp.close()
+            raise
+        self.tcp_port: int = self._tcp.getsockname()[1]
         self.udp_port: int = self._udp.getsockname()[1]
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -50,6 +50,7 @@ DEVICE_UDP = 1
 MIN_MAX_RECV_SIZE = 1024  # RULE B.6.3; some old firmware reports 0 anyway
 FALLBACK_MAX_RECV_SIZE = 4096  # what liblxi uses when a server reports less than the minimum
 MAX_HANDLE = 40  # device_enable_srq handle<40>
+MAX_SRQ_HANDLE = 1024  # device_intr_srq's handle is unbounded in the RPCL; be lenient, not unbounded
 MAX_DEVICE_NAME = 256  # RPCL leaves `device` unbounded; no real name is longer
 INFINITE_TIMEOUT_MS = 0xFFFFFFFF
 
@@ -315,7 +316,7 @@ class DeviceRemoteFunc(_Struct):
 @dataclass(frozen=True, repr=False)
 class DeviceSrqParms(_Struct):
     handle: bytes  # RPCL leaves it unbounded; it echoes the <=40-byte enable handle
-    _xdr = (("handle", "opaque", 1024),)
+    _xdr = (("handle", "opaque", MAX_SRQ_HANDLE),)
 
 
 @dataclass(frozen=True, repr=False)
@@ -450,3 +451,82 @@ def vxi11_error(error: int, *, proc: Proc, waitlock: bool = False, context: str 
     if error == ErrorCode.DEVICE_LOCKED_BY_ANOTHER_LINK and waitlock and proc is Proc.DEVICE_LOCK:
         message += "; the lock did not come free within the timeout"
     return error_from_status(int(visa_status(error, proc=proc, waitlock=waitlock)), message)
+
+
+# --------------------------------------------------------------------------- interrupt channel stream
+def _srq_call_size(body: rpc.Buffer) -> int | None:
+    """Bytes a device_intr_srq call occupies at the start of `body` (header, handle, padding); None
+    while `body` is too short to tell or when it is some other call."""
+    view = memoryview(body)
+    if len(view) < 24:
+        return None
+    _, mtype, rpcvers, prog, _, proc = struct.unpack_from(">IIIIII", view)
+    if (mtype, rpcvers, prog, proc) != (0, 2, DEVICE_INTR_PROG, Proc.DEVICE_INTR_SRQ):
+        return None
+    offset = 24
+    for what in ("credential", "verifier"):  # flavor, body length, body
+        if len(view) < offset + 8:
+            return None
+        size = struct.unpack_from(">I", view, offset + 4)[0]
+        if size > rpc.MAX_AUTH_BODY:
+            raise RemoteProtocolError(f"device_intr_srq: {what} body of {size} bytes")
+        offset += 8 + size + rpc.pad_length(size)
+    if len(view) < offset + 4:
+        return None
+    size = struct.unpack_from(">I", view, offset)[0]
+    if size > MAX_SRQ_HANDLE:
+        raise RemoteProtocolError(f"device_intr_srq: handle of {size} bytes")
+    return offset + 4 + size + rpc.pad_length(size)
+
+
+class InterruptStreamReader:
+    """Splits the interrupt channel's stream into calls, tolerating a lying record mark.
+
+    A Keithley DMM6500 announces 4 bytes more than it sends in device_intr_srq. So a device_intr_srq
+    record ends where its call ends (header, handle, padding); bytes the mark announced beyond that
+    are skipped only while they arrive as zeros (padding) — the next record mark starts with 0x80.
+    Any other call is delimited by its record mark as usual.
+    """
+
+    def __init__(self, max_record_size: int = 64 * 1024) -> None:
+        self.max_record_size = max_record_size
+        self._buf = bytearray()
+        self._prefix = bytearray()  # earlier fragments of the record in progress
+        self._pad_left = 0
+
+    def feed(self, data: rpc.Buffer) -> list[rpc.Call]:
+        buf = self._buf
+        buf += data
+        calls: list[rpc.Call] = []
+        while True:
+            if self._pad_left:
+                zeros = 0
+                while zeros < min(self._pad_left, len(buf)) and buf[zeros] == 0:
+                    zeros += 1
+                del buf[:zeros]
+                self._pad_left = 0 if buf else self._pad_left - zeros
+                if not buf:
+                    break
+            if len(buf) < 4:
+                break
+            length, last = rpc.parse_record_mark(buf[:4])
+            if len(self._prefix) + length > self.max_record_size:
+                raise RemoteProtocolError(f"interrupt channel: record over {self.max_record_size} bytes")
+            present = bytes(self._prefix) + bytes(buf[4 : 4 + length])
+            if not last:
+                if len(buf) < 4 + length:
+                    break
+                self._prefix += buf[4 : 4 + length]
+                del buf[: 4 + length]
+                continue
+            size = _srq_call_size(present)
+            full = len(self._prefix) + length
+            if size is None or size > full or size < len(self._prefix):
+                size = full  # not a device_intr_srq (or not yet known): trust the mark
+            if len(present) < size:
+                break
+            calls.append(rpc.decode_call(present[:size]))
+            del buf[: 4 + size - len(self._prefix)]
+            self._prefix = bytearray()
+            self._pad_left = full - size
+        return calls

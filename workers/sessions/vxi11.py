@@ -298,32 +298,24 @@ class _InterruptServer:
                 log.debug("vxi11.intr_channel_closed", error=str(exc))
 
     def _serve(self, conn: socket.socket) -> None:
-        reader = rpc.RecordReader(max_record_size=64 * 1024)
+        reader = vxi11.InterruptStreamReader()  # tolerates the DMM6500's lying record length
         while not self._stopping:
             chunk = conn.recv(4096)
             if not chunk:
                 return
-            for record in reader.feed(chunk):
-                self._dispatch(record, conn)
-            if reader.in_record and self._dispatch(reader.partial(), conn, strict=True):
-                # A whole call under a record mark that announced more bytes than were sent (Keithley
-                # DMM6500): waiting for them would stall every later SRQ, so take it and resync.
-                reader.reset()
+            for call in reader.feed(chunk):
+                self._dispatch(call, conn)
 
-    def _dispatch(self, record: bytes, conn: socket.socket, strict: bool = False) -> bool:
+    def _dispatch(self, call: rpc.Call, conn: socket.socket) -> None:
+        if (call.prog, call.vers, call.proc) != (vxi11.DEVICE_INTR_PROG, 1, Proc.DEVICE_INTR_SRQ):
+            conn.sendall(rpc.frame_record(rpc.encode_reply(call.xid, accept_stat=rpc.AcceptStat.PROC_UNAVAIL)))
+            return
         try:
-            call = rpc.decode_call(record)
-            if (call.prog, call.vers, call.proc) != (vxi11.DEVICE_INTR_PROG, 1, Proc.DEVICE_INTR_SRQ):
-                if not strict:
-                    conn.sendall(rpc.frame_record(rpc.encode_reply(call.xid, accept_stat=rpc.AcceptStat.PROC_UNAVAIL)))
-                return False
-            params = vxi11.DeviceSrqParms.decode(call.args)
+            params = vxi11.DeviceSrqParms.decode(call.args, allow_trailing=True)
         except RemoteProtocolError as exc:
-            if not strict:
-                log.info("vxi11.intr_bad_call", error=str(exc))
-            return False
+            log.info("vxi11.intr_bad_call", error=str(exc))
+            return
         self._on_srq(params.handle)  # one-way: no reply (NI-VISA sends none, instruments expect none)
-        return True
 
 
 class Vxi11Session(Session):
