@@ -111,7 +111,7 @@ def read_block(session: Session, emit: Emit, *, timeout: float | None, term_char
         header = parse_block_header(view[:n])
     start, length = header
     if length is None:
-        return _read_indefinite(session, emit, view, start, n, end, timeout, term_char)
+        return _read_indefinite(session, emit, view, start, n, end, timeout, term_char, has_end)
     if length > max_block:
         _discard_rest(session, end, timeout, term_char)
         raise InvalidFormat(f"instrument announced a {length}-byte block, over the {max_block}-byte limit; "
@@ -122,7 +122,12 @@ def read_block(session: Session, emit: Emit, *, timeout: float | None, term_char
     if in_first:
         emit(view[start : start + in_first])
     got = in_first
-    trailer_seen = end or (n > start + length)
+    if end and got < length:  # END in the first read: reading on would eat the next message
+        raise InvalidFormat(f"block announced {length} bytes but the message ended after {got}")
+    # Bytes past the block in the first read are its trailer; it is complete at END (with END) or at the
+    # terminator (raw socket). A "\r" of "\r\n" alone is not: its "\n" would answer the next read.
+    term = term_char if term_char is not None else 0x0A
+    trailer_seen = end or (not has_end and term in view[start + length : n])
     while got < length:
         size = min(chunk, length - got)
         buf = bytearray(size)
@@ -139,12 +144,14 @@ def read_block(session: Session, emit: Emit, *, timeout: float | None, term_char
 
 
 def _read_indefinite(session: Session, emit: Emit, view: memoryview, start: int, n: int, end: bool,
-                     timeout: float | None, term_char: int | None) -> ReadResult:
+                     timeout: float | None, term_char: int | None, has_end: bool) -> ReadResult:
     parts = bytearray(view[start:n])
     term = term_char if term_char is not None else 0x0A
+    # With END the block runs to END (LF bytes in the data do not end it); a raw socket has only the LF.
+    read_term = None if has_end else term
     while not end:
         buf = bytearray(FIRST_CHUNK)
-        k, end = session.read_into(memoryview(buf), timeout, term)
+        k, end = session.read_into(memoryview(buf), timeout, read_term)
         parts += buf[:k]
         if len(parts) > MAX_INDEFINITE:
             _discard_rest(session, end, timeout, term_char)
