@@ -295,6 +295,19 @@ def test_clear_from_another_thread_unblocks_a_read(open_session: Opener) -> None
     assert query(session, b"ECHO? after-clear") == b"after-clear\n"
 
 
+def test_clear_between_an_operations_write_and_read_ends_it(open_session: Opener) -> None:
+    session = open_session()
+    session.begin()  # the worker starts a query operation
+    session.write(b"*IDN?\n", 2.0)
+    session.clear()  # lands before the read: the answer is gone, so the read must not wait for it
+    start = time.monotonic()
+    with pytest.raises(Aborted, match="device clear or abort"):
+        session.read_into(memoryview(bytearray(64)), 2.0, None)
+    assert time.monotonic() - start < 0.5
+    session.begin()  # the next operation is unaffected
+    assert query(session, b"ECHO? next-op") == b"next-op\n"
+
+
 def test_read_stb_trigger_remote_local(open_session: Opener) -> None:
     session = open_session()
     assert session.read_stb() == 0

@@ -10,9 +10,9 @@ much as the caller's buffer holds and receives the data straight into it (no int
 for bulk data: the reply header is parsed from a small read-ahead buffer, the rest of the record
 goes to `recv_into(caller's buffer)`).
 
-RPC timeouts: each call carries io_timeout, and the socket waits 1 s longer (VXI-11 OBS B.4.6).
-A reply that comes after we gave up is recognised by its xid and skipped. A stream left in an
-unknown state (timeout in the middle of a reply, malformed record) is closed: ConnectionLost.
+RPC timeouts: each call carries io_timeout; the socket waits 1 s longer (VXI-11 OBS B.4.6). A late
+reply to a call we gave up on is skipped by its xid. A stream left out of step (timeout inside a
+reply, malformed record) fails that call and makes the session unusable (ConnectionLost): reopen.
 
 Service requests: `enable_srq(handler)` runs a small RPC server for the interrupt program on the
 core connection's local address, asks the instrument to connect to it (create_intr_chan), and
@@ -34,6 +34,7 @@ from typing import cast
 
 import structlog
 from visabus.sdk.errors import (
+    Aborted,
     ConnectionLost,
     IOFailure,
     NotSupported,
@@ -72,10 +73,10 @@ def _sock_timeout(timeout: float | None) -> float | None:
 
 class _Deadline:
     def __init__(self, timeout: float | None) -> None:
-        self._end = None if timeout is None else time.monotonic() + timeout
+        self.end = None if timeout is None else time.monotonic() + timeout
 
     def left(self) -> float | None:
-        return None if self._end is None else max(0.0, self._end - time.monotonic())
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
 
 
 class _Channel:
@@ -334,6 +335,8 @@ class Vxi11Session(Session):
         self._handle = b""
         self._closing = False
         self._ctx = str(resource)
+        self._interrupt_epoch = 0  # bumped by clear() and abort()
+        self._op_epoch: int | None = None  # the epoch the worker's current operation began in
 
     # ------------------------------------------------------------------------- lifecycle
     def open(self, timeout: float | None) -> None:
@@ -410,7 +413,17 @@ class Vxi11Session(Session):
             self._abort.close()
             self._abort = None
         self._lock_depth = 0
+        self._op_epoch = None
         self.srq_handler = None
+
+    def begin(self) -> None:
+        """A worker operation starts: a clear() or abort() from now on ends it (its next call raises
+        Aborted), also when it lands between the operation's write and its read."""
+        self._op_epoch = self._interrupt_epoch
+
+    def _check_interrupted(self) -> None:
+        if self._op_epoch is not None and self._op_epoch != self._interrupt_epoch:
+            raise Aborted(f"{self._ctx}: operation aborted by a device clear or abort")
 
     @property
     def connected(self) -> bool:
@@ -431,6 +444,7 @@ class Vxi11Session(Session):
         with self._core_lock:
             core = self._channel()
             while True:
+                self._check_interrupted()
                 chunk = view[total : total + self._max_recv_size]
                 last = total + len(chunk) >= len(view)
                 flags = OpFlag.END if last and self.attributes.send_end else 0
@@ -453,6 +467,7 @@ class Vxi11Session(Session):
         with self._core_lock:
             core = self._channel()
             while received < len(dest):
+                self._check_interrupted()
                 size = min(len(dest) - received, MAX_REQUEST)
                 left = deadline.left()
                 params = vxi11.DeviceReadParms(self._lid, size, _ms(left), 0, flags, term_char or 0)
@@ -481,6 +496,7 @@ class Vxi11Session(Session):
 
     def _locked_generic(self, proc: Proc) -> vxi11._Struct:
         with self._core_lock:
+            self._check_interrupted()
             return self._generic(proc)
 
     def read_stb(self) -> int:
@@ -497,6 +513,7 @@ class Vxi11Session(Session):
 
     def clear(self) -> None:
         """device_clear; if another thread is blocked in a call, abort that call first."""
+        self._interrupt_epoch += 1
         if not self._core_lock.acquire(blocking=False):
             if self._abort is not None:
                 try:
@@ -513,6 +530,7 @@ class Vxi11Session(Session):
         """device_abort on the abort channel: a blocked read/write then raises Aborted."""
         if self._abort is None:
             raise NotSupported(f"{self._ctx}: the instrument offers no VXI-11 abort channel")
+        self._interrupt_epoch += 1
         with self._abort_lock:
             self._call(Proc.DEVICE_ABORT, vxi11.DeviceLink(self._lid), CONTROL_TIMEOUT, channel=self._abort)
 
