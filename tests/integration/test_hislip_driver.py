@@ -440,6 +440,43 @@ def test_refused_connection_is_resource_not_found() -> None:
         session.open(2.0)
 
 
+# ------------------------------------------------------------------------------------ simulator robustness
+def _raw(sim: Simulator) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", sim.port), timeout=5)
+
+
+def test_simulator_survives_a_probe_that_closes_after_initialize(sim: Simulator, open_session: Opener) -> None:
+    for _ in range(3):
+        with _raw(sim) as probe:
+            probe.sendall(h.initialize("hislip0", "xx").encode())
+            reply = recv_message_blocking(probe, time.monotonic() + 5, 4096, "probe")
+            assert reply.type is h.MessageType.INITIALIZE_RESPONSE
+    assert query(open_session(), "*IDN?") == IDENTITY.encode() + b"\n"
+
+
+def test_simulator_answers_garbage_with_fatal_error(sim: Simulator) -> None:
+    with _raw(sim) as peer:
+        peer.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        reply = recv_message_blocking(peer, time.monotonic() + 5, 4096, "garbage")
+        assert reply.type is h.MessageType.FATAL_ERROR
+        assert reply.control == h.FatalErrorCode.POORLY_FORMED_HEADER
+        assert peer.recv(1) == b""  # and closes
+
+
+def test_simulator_answers_vendor_messages_with_error_3(sim: Simulator) -> None:
+    deadline = time.monotonic() + 5
+    with _raw(sim) as sync, _raw(sim) as asyn:
+        sync.sendall(h.initialize("hislip1", "xx").encode())
+        session_id = recv_message_blocking(sync, deadline, 4096, "sync").low16
+        asyn.sendall(h.async_initialize(session_id).encode())
+        assert recv_message_blocking(asyn, deadline, 4096, "async").type is h.MessageType.ASYNC_INITIALIZE_RESPONSE
+        asyn.sendall(h.encode_header(200, 1, 2, 3) + b"abc" + h.async_lock_info().encode())
+        error = recv_message_blocking(asyn, deadline, 4096, "async")
+        assert (error.type, error.control) == (h.MessageType.ERROR, h.ErrorCode.UNRECOGNIZED_VENDOR_MESSAGE)
+        info = recv_message_blocking(asyn, deadline, 4096, "async")
+        assert info.type is h.MessageType.ASYNC_LOCK_INFO_RESPONSE  # the channel is still in step
+
+
 # ------------------------------------------------------------------------------------ scripted server faults
 class ScriptedServer:
     """A minimal HiSLIP peer: does the handshake, then hands each sync message to `script`."""

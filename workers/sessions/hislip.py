@@ -2,9 +2,9 @@
 
 Two TCP connections to `resource.transport_port`: the synchronous channel (Data/DataEnd, Trigger, device
 clear completion) is used only by the thread that holds `_sync_lock` — the worker's executor, or
-`clear()` after it aborted that executor's blocked call. The asynchronous channel is read by one
-background thread that files responses by type for whoever waits on them, raises SRQs (handed to a
-dispatcher thread, so a handler may itself call `read_stb`) and notes AsyncInterrupted. The protocol
+`clear()` after it aborted that executor's blocked call. The asynchronous channel (hislip_async) is
+read by one background thread that files responses by type for whoever waits on them, hands SRQs to a
+dispatcher thread and reports AsyncInterrupted. The protocol
 bookkeeping (MessageIDs, RMT-delivered, modes, clear and lock transactions) lives in the sans-IO
 `HislipClient`; this module only moves bytes.
 
@@ -14,7 +14,6 @@ straight into the caller's buffer; `write` sends header and payload views with `
 
 from __future__ import annotations
 
-import queue
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -37,13 +36,13 @@ from visabus.workers.protocols.errors import ProtocolError, RemoteProtocolError
 from visabus.workers.protocols.hislip_client import HislipClient, ServerError, ServerFatalError
 
 from .base import Session, SessionAttributes, SrqHandler
+from .hislip_async import AsyncChannel
 from .hislip_io import SyncSocket, configure, connect, deadline_after, recv_message_blocking, remaining
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_SHARED_KEY = "visabus"
 CLEAR_PATIENCE = 10.0  # seconds a device clear may take at least (IVI-6.1 suggests 40-120 s at most)
-ASYNC_POLL = 0.5  # async reader wakes this often to notice close()
 INFINITE_MS = 0xFFFFFFFF
 _MT = h.MessageType
 
@@ -71,20 +70,11 @@ class HislipSession(Session):
         self._log = log.bind(resource=str(resource))
         self._proto = HislipClient(self.sub_address, max_message_size=self._wanted_max_size())
         self._sync: SyncSocket | None = None
-        self._async: socket.socket | None = None
+        self._async: AsyncChannel | None = None
         self._state_lock = threading.RLock()  # guards _proto between executor, clear and async reader
         self._sync_lock = threading.Lock()
         self._clear_lock = threading.Lock()
-        self._async_send_lock = threading.Lock()
-        self._async_cond = threading.Condition()
-        self._responses: dict[h.MessageType, h.Message] = {}
-        self._async_errors: list[ServerError] = []
-        self._async_waiters = 0
-        self._txn_locks: dict[h.MessageType, threading.Lock] = {}
         self._closing = False
-        self._reader: threading.Thread | None = None
-        self._srq_queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._srq_thread: threading.Thread | None = None
         self._inbound: _Inbound | None = None
         self._header = bytearray(h.HEADER_SIZE)
         self._header_fill = 0
@@ -129,13 +119,13 @@ class HislipSession(Session):
             if isinstance(exc, VisaBusError):
                 raise
             raise ResourceNotFound(f"{what}: HiSLIP initialization failed: {exc}") from None
-        async_sock.settimeout(ASYNC_POLL)
-        self._async = async_sock
         self._sync = SyncSocket(sync_sock, what)
         self._op_generation = None
         self._closing = False
-        self._reader = threading.Thread(target=self._async_loop, name=f"hislip-async-{self.port}", daemon=True)
-        self._reader.start()
+        self._async = AsyncChannel(async_sock, what, on_interrupted=self._on_async_interrupted,
+                                   on_lost=self._lost, lost_reason=self._lost_reason)
+        self._async.enable_srq(self.srq_handler)
+        self._async.start()
         self._log.info(
             "hislip.opened", session_id=proto.session_id, overlapped=proto.overlapped,
             server_max=proto.server_max_message_size, server_vendor=proto.server_vendor,
@@ -147,26 +137,15 @@ class HislipSession(Session):
 
     def close(self) -> None:
         self._closing = True
-        sync, async_sock = self._sync, self._async
+        sync, channel = self._sync, self._async
         if sync is not None:
             sync.mark_lost("session closed")
-        for sock in (async_sock, sync.sock if sync is not None else None):
-            if sock is not None:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        with self._async_cond:
-            self._async_cond.notify_all()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join(timeout=2.0)
-        if self._srq_thread is not None:
-            self._srq_queue.put(None)
-            if self._srq_thread is not threading.current_thread():
-                self._srq_thread.join(timeout=2.0)
-            self._srq_thread = None
-        if async_sock is not None:
-            async_sock.close()
+            try:
+                sync.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if channel is not None:
+            channel.close()
         if sync is not None:
             took = self._sync_lock.acquire(timeout=2.0)  # let an aborted executor call leave first
             try:
@@ -175,7 +154,6 @@ class HislipSession(Session):
                 if took:
                     self._sync_lock.release()
         self._sync = self._async = None
-        self._reader = None
 
     def begin(self) -> None:
         """A worker operation starts: a clear or abort from now on ends all of its sync I/O with
@@ -262,12 +240,15 @@ class HislipSession(Session):
 
     def _wait_may_send(self, deadline: float | None) -> None:
         """After Interrupted, nothing may be sent until AsyncInterrupted arrives (IVI-6.1 §3.1.2)."""
-        with self._async_cond:
+        channel = self._async
+        if channel is None or self._proto.may_send:
+            return
+        with channel.cond:
             while not self._proto.may_send:
                 left = remaining(deadline)
                 if left == 0:
                     raise VisaTimeout(f"{self.resource}: AsyncInterrupted never followed Interrupted")
-                self._async_cond.wait(left)
+                channel.cond.wait(left)
 
     # ------------------------------------------------------------------ sync channel: read
     def read_into(self, buffer: memoryview, timeout: float | None, term_char: int | None) -> tuple[int, bool]:
@@ -394,8 +375,8 @@ class HislipSession(Session):
     def abort(self) -> None:
         if self._sync is not None:
             self._sync.abort()
-        with self._async_cond:
-            self._async_cond.notify_all()
+        if self._async is not None:
+            self._async.wake()
 
     def clear(self) -> None:
         sync = self._channel()
@@ -416,7 +397,7 @@ class HislipSession(Session):
         try:
             with self._state_lock:
                 request = self._proto.begin_clear()
-            ack = self._transaction(request, _MT.ASYNC_DEVICE_CLEAR_ACKNOWLEDGE, deadline)
+            ack = self._channel_async().transaction(request, _MT.ASYNC_DEVICE_CLEAR_ACKNOWLEDGE, deadline)
             with self._state_lock:
                 complete = self._proto.receive_async_device_clear_acknowledge(ack)
             if self._owed:  # finish the partly sent message: the server is discarding sync input now
@@ -459,105 +440,19 @@ class HislipSession(Session):
                 raise ServerFatalError(header.control, bytes(payload).decode("ascii", "replace"))
 
     # ------------------------------------------------------------------ async channel
-    def _send_async(self, message: h.Message) -> None:
-        sock = self._async
-        if sock is None:
+    def _channel_async(self) -> AsyncChannel:
+        channel = self._async
+        if channel is None:
             raise ConnectionLost(f"{self.resource}: session is not open")
-        try:
-            with self._async_send_lock:
-                sock.sendall(message.encode())
-        except OSError as exc:
-            self._lost(f"asynchronous channel failed: {exc}")
-            raise ConnectionLost(f"{self.resource}: asynchronous channel failed: {exc}") from None
+        return channel
 
     def _send_async_quietly(self, message: h.Message) -> None:
-        try:
-            self._send_async(message)
-        except VisaBusError:
-            pass
+        if self._async is not None:
+            self._async.send_quietly(message)
 
-    def _transaction(self, request: h.Message, response: h.MessageType, deadline: float | None) -> h.Message:
-        """Send an async request and wait for its response (one transaction per response type)."""
-        lock = self._txn_locks.setdefault(response, threading.Lock())
-        wait = remaining(deadline)
-        if not lock.acquire(timeout=-1 if wait is None else wait):
-            raise VisaTimeout(f"{self.resource}: another {request.type.name} is still waiting for its answer")
-        try:
-            with self._async_cond:
-                self._responses.pop(response, None)  # a late answer to an earlier, timed-out request
-                self._async_waiters += 1
-            try:
-                self._send_async(request)
-                with self._async_cond:
-                    while True:
-                        if response in self._responses:
-                            return self._responses.pop(response)
-                        if self._async_errors:
-                            raise self._async_errors.pop(0)
-                        sync = self._sync
-                        if sync is None or sync.lost is not None:
-                            raise ConnectionLost(f"{self.resource}: {sync.lost if sync else 'session closed'}")
-                        left = remaining(deadline)
-                        if left == 0:
-                            raise VisaTimeout(f"{self.resource}: no {response.name} from the server in time")
-                        self._async_cond.wait(left)
-            finally:
-                with self._async_cond:
-                    self._async_waiters -= 1
-        finally:
-            lock.release()
-
-    def _async_loop(self) -> None:
-        sock = self._async
-        reader = h.HislipReader(h.CONTROL_PAYLOAD_LIMIT)
-        while sock is not None and not self._closing:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError as exc:
-                self._lost(f"asynchronous channel failed: {exc}")
-                return
-            if not chunk:
-                self._lost("the server closed the asynchronous channel")
-                return
-            reader.feed(chunk)
-            while True:
-                try:
-                    message = reader.next_message()
-                except h.UnrecognizedMessage as exc:
-                    self._send_async_quietly(h.error(exc.error_code, str(exc)))
-                    continue
-                except h.HislipFormatError as exc:
-                    self._send_async_quietly(h.fatal_error(exc.fatal_code, str(exc)))
-                    self._lost(f"HiSLIP protocol error on the asynchronous channel: {exc}")
-                    return
-                if message is None:
-                    break
-                self._on_async_message(message)
-
-    def _on_async_message(self, message: h.Message) -> None:
-        kind = message.type
-        if kind is _MT.ASYNC_SERVICE_REQUEST:
-            if self.srq_handler is not None:
-                self._srq_queue.put(message.control)
-            return
-        if kind is _MT.FATAL_ERROR:
-            self._lost(str(ServerFatalError(message.control, message.text())))
-            return
-        with self._async_cond:
-            if kind is _MT.ASYNC_INTERRUPTED:
-                with self._state_lock:
-                    self._proto.receive_async_interrupted(message.message_id)
-            elif kind is _MT.ERROR:
-                error = ServerError(message.control, message.text())
-                if self._async_waiters:
-                    self._async_errors.append(error)
-                else:
-                    self._log.warning("hislip.async_error", error=str(error))
-            else:
-                self._responses[kind] = message
-            self._async_cond.notify_all()
+    def _on_async_interrupted(self, message_id: int) -> None:
+        with self._state_lock:
+            self._proto.receive_async_interrupted(message_id)
 
     def _lost(self, reason: str) -> None:
         if self._closing:
@@ -565,13 +460,15 @@ class HislipSession(Session):
         self._log.warning("hislip.connection_lost", reason=reason)
         if self._sync is not None:
             self._sync.mark_lost(reason)
-        with self._async_cond:
-            self._async_cond.notify_all()
+
+    def _lost_reason(self) -> str | None:
+        sync = self._sync
+        return "session closed" if sync is None else sync.lost
 
     def _async_call(self, request: h.Message, response: h.MessageType, timeout: float | None) -> h.Message:
         self._channel()
         try:
-            return self._transaction(request, response, deadline_after(timeout))
+            return self._channel_async().transaction(request, response, deadline_after(timeout))
         except ServerError as exc:
             raise VisaBusError(f"{self.resource}: {exc}", exc.code) from None
         except RemoteProtocolError as exc:
@@ -654,28 +551,17 @@ class HislipSession(Session):
 
     def enable_srq(self, handler: SrqHandler | None) -> None:
         self.srq_handler = handler
-        if handler is not None and self._srq_thread is None:
-            self._srq_thread = threading.Thread(target=self._srq_loop, name="hislip-srq", daemon=True)
-            self._srq_thread.start()
-
-    def _srq_loop(self) -> None:
-        while (status := self._srq_queue.get()) is not None:
-            handler = self.srq_handler
-            if handler is None:
-                continue
-            try:
-                handler(status)
-            except Exception:  # noqa: BLE001 - a failing user handler must not stop SRQ delivery
-                self._log.exception("hislip.srq_handler_failed", status=status)
+        if self._async is not None:
+            self._async.enable_srq(handler)
 
     def set_attribute(self, name: str, value: object) -> None:
         super().set_attribute(name, value)
-        sync, async_sock = self._sync, self._async
-        if sync is None or async_sock is None:
+        sync, channel = self._sync, self._async
+        if sync is None or channel is None:
             return
         if name in ("keepalive", "nodelay"):
             configure(sync.sock, self.attributes.nodelay, self.attributes.keepalive)
-            configure(async_sock, True, self.attributes.keepalive)
+            configure(channel.sock, True, self.attributes.keepalive)
         elif name == "max_message_kb":
             request = self._proto.maximum_message_size(self._wanted_max_size())
             reply = self._async_call(request, _MT.ASYNC_MAXIMUM_MESSAGE_SIZE_RESPONSE, self.attributes.timeout)
