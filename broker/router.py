@@ -56,7 +56,9 @@ class Broker:
             "backend": bound_endpoint(self.backend),
             "events": bound_endpoint(self.events),
         }
-        self.workers: dict[bytes, WorkerEntry] = {}
+        self.workers: dict[bytes, WorkerEntry] = {}       # by control-socket routing id
+        self.data_rids: dict[bytes, bytes] = {}           # data-socket routing id -> control routing id
+        self.pending_attach: dict[str, bytes] = {}        # worker id -> data rid seen before its `ready`
         self.resources: dict[str, ResourceEntry] = {}
         self.aliases: dict[str, str] = {}
         self.sessions: dict[str, ClientSession] = {}
@@ -385,11 +387,11 @@ class Broker:
         worker.oob[req.bid] = req
         self.inflight_by_bid[req.bid] = req
         self.sessions[req.sid].pending[req.cid] = req.bid
-        self._send_worker(worker.rid, {**req.header, "id": req.bid}, req.frames)
+        self._send_worker(worker.rid, {**req.header, "id": req.bid, "upto": worker.dispatched}, req.frames)
 
     def _dispatch(self, entry: ResourceEntry) -> None:
         worker = self.workers.get(entry.worker) if entry.worker else None
-        if worker is None or worker.inflight is not None:
+        if worker is None or worker.inflight is not None or worker.data_rid is None:
             return
         now = time.monotonic()
         if entry.reserved_by is not None and now >= entry.reserved_until:
@@ -402,8 +404,9 @@ class Broker:
         if req is None:
             return
         worker.inflight = req
+        worker.dispatched += 1
         self.inflight_by_bid[req.bid] = req
-        self._send_worker(worker.rid, {**req.header, "id": req.bid}, req.frames)
+        self._send_worker(worker.data_rid, {**req.header, "id": req.bid, "n": worker.dispatched}, req.frames)
 
     def _fail(self, req: Request, code: StatusCode, message: str, **fields: Any) -> None:
         if req.answered:
@@ -434,7 +437,10 @@ class Broker:
         if op == "ready":
             self._register_worker(rid, header, now)
             return
-        worker = self.workers.get(rid)
+        if op == "attach":
+            self._attach_data_socket(rid, header["wid"])
+            return
+        worker = self.workers.get(rid) or self.workers.get(self.data_rids.get(rid, b""))
         if worker is None:
             # A worker we do not know (we restarted, or declared it dead): ask it to register again.
             self._send_worker(rid, {"v": schema.VERSION, "op": "reconnect"})
@@ -454,7 +460,17 @@ class Broker:
             self._send_worker(rid, {"v": schema.VERSION, "op": "reject", "msg": exc.message})
             return
         entry = self.resources.get(res)
-        if entry is not None and entry.worker is not None and entry.worker != rid and entry.worker in self.workers:
+        current = self.workers.get(entry.worker) if entry is not None and entry.worker is not None else None
+        if current is not None and current.wid == header["wid"]:
+            # The same worker on a new control socket (it reconnected): keep its state and in-flight work.
+            del self.workers[current.rid]
+            current.rid, current.last_seen = rid, now
+            self.workers[rid] = current
+            entry.worker = rid  # type: ignore[union-attr]
+            if current.data_rid is not None:
+                self.data_rids[current.data_rid] = rid
+            return
+        if current is not None and current.rid != rid:
             self._send_worker(rid, {"v": schema.VERSION, "op": "reject",
                                     "msg": f"{res} is already served by worker pid {self.workers[entry.worker].pid}"})
             return
@@ -468,12 +484,28 @@ class Broker:
                 self.aliases[alias] = res
                 entry.alias = alias
         worker = WorkerEntry(rid=rid, res=res, state=header["state"], last_seen=now, pid=header.get("pid"),
-                             protocol=header.get("protocol"))
+                             protocol=header.get("protocol"), wid=header["wid"])
         self.workers[rid] = worker
+        data_rid = self.pending_attach.pop(worker.wid, None)
+        if data_rid is not None:
+            worker.data_rid = data_rid
+            self.data_rids[data_rid] = rid
         entry.worker, entry.state, entry.protocol = rid, worker.state, worker.protocol
         log.info("broker.worker_up", resource=res, worker_pid=worker.pid, state=worker.state)
         self.publish("worker.up", {"res": res, "alias": entry.alias, "pid": worker.pid, "state": worker.state})
         self._dispatch(entry)
+
+    def _attach_data_socket(self, data_rid: bytes, wid: str) -> None:
+        for worker in self.workers.values():
+            if worker.wid == wid:
+                if worker.data_rid is not None:
+                    self.data_rids.pop(worker.data_rid, None)
+                worker.data_rid = data_rid
+                self.data_rids[data_rid] = worker.rid
+                self._dispatch(self.resources[worker.res])
+                return
+        if len(self.pending_attach) < 4096:  # bounded: a stray attach cannot grow memory
+            self.pending_attach[wid] = data_rid
 
     def _set_worker_state(self, worker: WorkerEntry, state: str, detail: str | None) -> None:
         if state == worker.state:
@@ -545,6 +577,8 @@ class Broker:
 
     def _worker_gone(self, worker: WorkerEntry, why: str) -> None:
         self.workers.pop(worker.rid, None)
+        if worker.data_rid is not None:
+            self.data_rids.pop(worker.data_rid, None)
         entry = self.resources.get(worker.res)
         log.warning("broker.worker_down", resource=worker.res, worker_pid=worker.pid, reason=why)
         for req in [worker.inflight, *worker.oob.values()]:

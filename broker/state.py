@@ -50,10 +50,13 @@ class LockWaiter:
 
 @dataclass
 class WorkerEntry:
-    rid: bytes
+    rid: bytes               # control socket: registration, heartbeats, out-of-band (clear/cancel/credit)
     res: str
     state: str
     last_seen: float
+    wid: str = ""
+    data_rid: bytes | None = None  # data socket: requests and replies (attached by the worker's executor)
+    dispatched: int = 0      # requests sent so far; a clear tells the worker it covers all up to this
     pid: int | None = None
     protocol: str | None = None
     inflight: Request | None = None

@@ -79,7 +79,8 @@ TRANSACTION_STEP_OPS = frozenset({"write", "read", "query", "read_stb", "trigger
 
 # Worker -> broker messages (backend socket).
 WORKER_OPS: dict[str, dict[str, Any]] = {
-    "ready": {"required": {"res": _S, "state": _S}, "optional": {"alias": _S, "protocol": _S, "pid": _I}},
+    "ready": {"required": {"res": _S, "state": _S, "wid": _S}, "optional": {"alias": _S, "protocol": _S, "pid": _I}},
+    "attach": {"required": {"wid": _S}, "optional": {}},
     "heartbeat": {"required": {"state": _S}, "optional": {}},
     "state": {"required": {"state": _S}, "optional": {"detail": _S}},
     "reply": {"required": {"id": _I, "status": _I}, "optional": {}, "data": None},

@@ -1,14 +1,14 @@
 """The worker's executor thread: owns the instrument session and runs operations one at a time.
 
-Replies go out through a PUSH socket to the control thread. Reads stream as chunks, each one spending a
-credit the client returns as it consumes them, so a slow client bounds this process's memory.
+It also owns the worker's data socket to the broker: requests arrive and replies leave on it directly,
+with no hand-off between threads on the hot path. Reads stream as chunks, each one spending a credit the
+client returns as it consumes them, so a slow client bounds this process's memory.
 While the instrument is unreachable the executor retries with exponential backoff and reports the
 state (connecting -> ready -> lost -> ready ...).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -46,7 +46,7 @@ TRANSACTION_READ_LIMIT = 64 << 20  # transaction results are buffered, so bound 
 class Job:
     header: dict[str, Any]
     frames: list[Any] = field(default_factory=list)
-    epoch: int = 0  # clear epoch when the worker received it: a later clear aborts it
+    n: int = 0  # the broker's dispatch number: a clear covering it (upto >= n) aborts it
 
 
 class _Credit:
@@ -77,14 +77,16 @@ class _Credit:
 
 
 class Executor(threading.Thread):
-    def __init__(self, session: Session, jobs: queue.Queue[Job | None], ctx: zmq.Context, outbox: str,
+    def __init__(self, session: Session, ctx: zmq.Context, backend: str, wid: str, outbox: str,
                  stop: threading.Event) -> None:
         super().__init__(name="worker-executor", daemon=True)
         self.session = session
-        self.jobs = jobs
         self.ctx = ctx
+        self.backend = backend
+        self.wid = wid
         self.outbox = outbox
         self.stop = stop
+        self.rehello = threading.Event()  # set by the control thread when the broker asks us to register again
         self.state = "connecting"
         self.state_detail = ""
         self.state_changed = threading.Event()
@@ -92,7 +94,7 @@ class Executor(threading.Thread):
         self._current: int | None = None
         self._credit: _Credit | None = None
         self._interrupted = False           # a cancel hit the running operation
-        self.clear_epoch = 0                # bumped by every device clear
+        self.cleared_upto = 0               # dispatch numbers <= this were covered by a device clear
         self._job: Job | None = None
         self._guard = threading.Lock()
         self._backoff = BACKOFF_FIRST_S
@@ -123,7 +125,8 @@ class Executor(threading.Thread):
     def run_clear(self, header: dict[str, Any]) -> dict[str, Any]:
         """Device clear, run on a control-side thread; a read blocked in the executor fails with ABORT."""
         with self._guard:
-            self.clear_epoch += 1  # every operation received before this clear is aborted
+            # Every operation the broker dispatched before this clear is aborted, whichever socket is faster.
+            self.cleared_upto = max(self.cleared_upto, int(header.get("upto") or 0))
         try:
             self.session.clear()
             return schema.reply(header, 0, op="reply", more=False)
@@ -134,22 +137,37 @@ class Executor(threading.Thread):
 
     # --------------------------------------------------------------- the executor thread
     def run(self) -> None:
-        self._out = make_socket(self.ctx, zmq.PUSH, connect=self.outbox, hwm=STREAM_HWM)
+        self._out = make_socket(self.ctx, zmq.DEALER, connect=self.backend, hwm=STREAM_HWM)
+        self._attach()
         self._try_open(OPEN_TIMEOUT_S)
         try:
             while not self.stop.is_set():
-                wait = 0.5 if self.session.connected else max(0.01, min(0.5, self._next_attempt - time.monotonic()))
-                try:
-                    job = self.jobs.get(timeout=wait)
-                except queue.Empty:
+                if self.rehello.is_set():
+                    self.rehello.clear()
+                    self._attach()
+                wait = 0.25 if self.session.connected else max(0.01, min(0.25, self._next_attempt - time.monotonic()))
+                if not self._out.poll(int(wait * 1000)):
                     if not self.session.connected and time.monotonic() >= self._next_attempt:
                         self._try_open(OPEN_TIMEOUT_S)
                     continue
-                if job is None:
-                    return
-                self._execute(job)
+                frames = self._out.recv_multipart(copy=False)
+                try:
+                    header = schema.unpack(frames[0].buffer)
+                except schema.MalformedMessage as exc:
+                    log.warning("worker.malformed_from_broker", error=str(exc))
+                    continue
+                if header.get("op") == "reconnect":
+                    self._attach()
+                elif isinstance(header.get("op"), str) and header["op"] in schema.CLIENT_OPS:
+                    self._execute(Job(header, frames[1:], n=int(header.get("n") or 0)))
+                else:
+                    log.warning("worker.unknown_op", op=header.get("op"))
         finally:
             self._out.close(linger=500)
+
+    def _attach(self) -> None:
+        """Tell the broker this socket carries the requests of worker `wid` (see the control socket's ready)."""
+        self._send({"v": schema.VERSION, "op": "attach", "wid": self.wid})
 
     def _set_state(self, state: str, detail: str = "") -> None:
         if state != self.state:
@@ -243,7 +261,7 @@ class Executor(threading.Thread):
 
     def _check_interrupted(self) -> None:
         with self._guard:
-            if self._interrupted or (self._job is not None and self._job.epoch != self.clear_epoch):
+            if self._interrupted or (self._job is not None and self._job.n <= self.cleared_upto):
                 raise Aborted(f"{self.res}: operation aborted by a device clear or cancel")
 
     def _op_read_stb(self, job: Job, timeout: float | None) -> None:

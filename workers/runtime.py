@@ -1,13 +1,12 @@
 """The instrument worker: one process, one instrument session, operations executed in order.
 
-Two threads, each owning its own ZeroMQ socket (sockets are not thread-safe):
+Two threads, each owning its own ZeroMQ socket to the broker (sockets are not thread-safe):
 
-- the control thread owns the DEALER to the broker: it registers, heartbeats (also while an instrument
-  operation blocks), forwards the executor's replies, and handles out-of-band messages at once —
-  `clear` (device clear while a read is blocked), `cancel` (abort the running operation) and `credit`
-  (stream flow control);
-- the executor thread owns the instrument session: it opens it (with backoff while the instrument is
-  unreachable), runs operations one at a time, and streams read data back over an inproc PAIR socket.
+- the control thread owns the control DEALER: it registers (`ready`, with a worker id), heartbeats (also
+  while an instrument operation blocks) and handles out-of-band messages at once — `clear` (device clear
+  while a read is blocked), `cancel` (abort the running operation) and `credit` (stream flow control);
+- the executor thread owns the instrument session and the data DEALER (`attach`, same worker id): requests
+  arrive and replies and stream chunks leave on it directly, so the hot path crosses no thread boundary.
 
 If the broker goes silent for `liveness` heartbeats the control thread reconnects on a new socket and
 registers again (Majordomo style); nothing is ever re-sent to the instrument.
@@ -16,7 +15,7 @@ registers again (Majordomo style); nothing is ever re-sent to the instrument.
 from __future__ import annotations
 
 import os
-import queue
+import secrets
 import threading
 import time
 from typing import Any
@@ -29,7 +28,7 @@ from visabus.sdk.errors import ConnectionLost, StatusCode, VisaBusError
 from visabus.sdk.resources import Resource, parse_resource
 from visabus.sdk.transport import DEFAULT_BACKEND, STREAM_HWM, make_socket
 
-from .executor import Executor, Job
+from .executor import Executor
 from .sessions import SessionAttributes, session_for
 
 log = structlog.get_logger(__name__)
@@ -47,12 +46,12 @@ class Worker:
         self.ctx = ctx or zmq.Context.instance()
         self.session = session_for(self.resource, attributes)
         self._stop = threading.Event()
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        # Replies from the executor and from out-of-band threads arrive here (PUSH -> PULL, any number of
+        self.wid = secrets.token_hex(8)
+        # Clear replies and SRQ events from other threads arrive here (PUSH -> PULL, any number of
         # producers); the control thread forwards them to the broker.
         self._outbox = f"inproc://worker-out-{id(self)}"
         self._from_exec = make_socket(self.ctx, zmq.PULL, bind=self._outbox, hwm=STREAM_HWM)
-        self.executor = Executor(self.session, self._jobs, self.ctx, self._outbox, self._stop)
+        self.executor = Executor(self.session, self.ctx, backend, self.wid, self._outbox, self._stop)
         self._dealer: zmq.Socket | None = None
         self.exit_code = 0
 
@@ -102,7 +101,9 @@ class Worker:
 
     def _register(self) -> None:
         self._send({"v": schema.VERSION, "op": "ready", "res": self.resource.canonical, "state": self.executor.state,
-                    "alias": self.alias, "protocol": self.resource.protocol.value, "pid": os.getpid()})
+                    "alias": self.alias, "protocol": self.resource.protocol.value, "pid": os.getpid(),
+                    "wid": self.wid})
+        self.executor.rehello.set()  # a (re)registration needs the data socket attached again too
 
     def _send(self, header: dict[str, Any], frames: list[Any] = ()) -> None:  # type: ignore[assignment]
         assert self._dealer is not None  # internal invariant, not input validation
@@ -152,8 +153,6 @@ class Worker:
         elif op == "clear":
             # Out of band: runs now, even while the executor is blocked in a read.
             threading.Thread(target=self._clear, args=(header,), daemon=True, name="worker-clear").start()
-        elif isinstance(op, str) and op in schema.CLIENT_OPS:
-            self._jobs.put(Job(header, data, epoch=self.executor.clear_epoch))
         else:
             log.warning("worker.unknown_op", op=op)
 
@@ -171,7 +170,6 @@ class Worker:
         except zmq.ZMQError:
             pass
         self._stop.set()
-        self._jobs.put(None)
         self.executor.join(timeout=2.0)
         self.session.close()
         if self._dealer is not None:
