@@ -84,11 +84,13 @@ def run(args: argparse.Namespace) -> int:
         advertiser = Advertiser(args.advertise, args.identity, ports)
         advertiser.start()
     resources = {proto: server.resource for proto, server in servers.items()}
+    if "vxi11" in servers:  # clients that go through the portmapper need to know where it listens
+        resources["vxi11_portmapper"] = servers["vxi11"].portmapper_port
     if args.json:
         print(json.dumps(resources), flush=True)
     else:
         for proto, res in resources.items():
-            print(f"{proto:7s} {res}", flush=True)
+            print(f"{proto:16s} {res}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -103,10 +103,16 @@ class Session(abc.ABC):
             raise NotSupported(f"{self.resource}: service requests are not supported by this protocol")
 
     def set_attribute(self, name: str, value: object) -> None:
-        """Apply a changed attribute to the live connection (keepalive, nodelay...). Default: store only."""
-        if not hasattr(self.attributes, name):
+        """Apply a changed attribute to the live connection (keepalive, nodelay...). Default: store only.
+
+        Driver-specific settings are named `<protocol>_<setting>` (e.g. vicp_serial_poll) and kept in `extra`.
+        """
+        if hasattr(self.attributes, name) and name != "extra":
+            setattr(self.attributes, name, value)
+        elif name.startswith(f"{self.resource.protocol.value}_") or name in self.attributes.extra:
+            self.attributes.extra[name] = value
+        else:
             raise NotSupported(f"{self.resource}: unknown attribute {name!r}")
-        setattr(self.attributes, name, value)
 
     @property
     def connected(self) -> bool:
