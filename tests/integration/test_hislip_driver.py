@@ -387,6 +387,40 @@ def test_shared_locks_between_sessions(open_session: Opener) -> None:
     assert c.lock_info() == (False, 0)
 
 
+def test_clear_aborts_a_write_held_back_by_another_sessions_lock(open_session: Opener) -> None:
+    a, b = open_session(), open_session(timeout=10.0)
+    a.lock(True, 1.0)
+    outcome: list[BaseException | None] = []
+    payload = b"ECHO? " + b"x" * (32 << 20) + b"\n"  # far more than the socket buffers hold
+
+    def writer() -> None:
+        try:
+            b.write(payload, 10)
+            outcome.append(None)
+        except VisaBusError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=writer)
+    try:
+        thread.start()
+        wait_until(lambda: b._sync_lock.locked())  # the write is under way (the server holds it back)
+        b.clear()  # the server drops the held input; the cut-off message is completed with filler
+        thread.join(5)
+        assert not thread.is_alive() and isinstance(outcome[0], Aborted)
+    finally:
+        a.unlock()
+    assert query(b, "ECHO? ok") == b"ok\n"
+
+
+def test_operations_on_a_session_that_is_not_open() -> None:
+    session = HislipSession(parse_resource("TCPIP::127.0.0.1::hislip0,1::INSTR"))
+    assert not session.connected
+    for call in (session.read_stb, session.trigger, session.lock_info, lambda: session.write(b"x", 1)):
+        with pytest.raises(ConnectionLost):
+            call()
+    session.close()  # harmless
+
+
 def test_nested_lock_and_unlock_without_lock(open_session: Opener) -> None:
     session = open_session()
     session.lock(True, 1.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -32,8 +33,8 @@ from visabus.sdk.errors import (
 )
 from visabus.sdk.resources import Protocol, Resource
 from visabus.workers.protocols import hislip as h
-from visabus.workers.protocols.errors import ProtocolError, RemoteProtocolError
-from visabus.workers.protocols.hislip_client import HislipClient, ServerError, ServerFatalError
+from visabus.workers.protocols.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from visabus.workers.protocols.hislip_client import HislipClient, Phase, ServerError, ServerFatalError
 
 from .base import Session, SessionAttributes, SrqHandler
 from .hislip_async import AsyncChannel
@@ -87,6 +88,10 @@ class HislipSession(Session):
 
     # ------------------------------------------------------------------ lifecycle
     def open(self, timeout: float | None) -> None:
+        if self._sync is not None or self._async is not None:
+            self.close()  # reopening (after a loss): start from a clean slate
+        self._inbound, self._header_fill, self._owed = None, 0, 0
+        self._held.clear()  # locks die with the old session
         deadline = deadline_after(timeout)
         what = str(self.resource)
         proto = self._proto = HislipClient(self.sub_address, max_message_size=self._wanted_max_size(),
@@ -206,7 +211,7 @@ class HislipSession(Session):
         sync = self._acquire_sync(deadline)
         try:
             generation = self._generation(sync)
-            self._wait_may_send(deadline)
+            self._wait_may_send(sync, deadline, generation)
             with self._state_lock:
                 if not self._proto.overlapped and self._inbound is not None:
                     self._inbound.deliver = False  # synchronized: a new message drops the old response
@@ -214,7 +219,7 @@ class HislipSession(Session):
                 messages = self._proto.data_messages(data, end=self.attributes.send_end)
             for message in messages:
                 self._send_sync(sync, message, deadline, generation)
-            return len(memoryview(data))
+            return memoryview(data).nbytes
         finally:
             self._sync_lock.release()
 
@@ -223,7 +228,7 @@ class HislipSession(Session):
         sync = self._acquire_sync(deadline)
         try:
             generation = self._generation(sync)
-            self._wait_may_send(deadline)
+            self._wait_may_send(sync, deadline, generation)
             with self._state_lock:
                 message = self._proto.trigger()
             self._send_sync(sync, message, deadline, generation)
@@ -238,13 +243,14 @@ class HislipSession(Session):
 
         sync.send([memoryview(message.header()), memoryview(message.payload)], deadline, generation, sent)
 
-    def _wait_may_send(self, deadline: float | None) -> None:
+    def _wait_may_send(self, sync: SyncSocket, deadline: float | None, generation: int) -> None:
         """After Interrupted, nothing may be sent until AsyncInterrupted arrives (IVI-6.1 §3.1.2)."""
         channel = self._async
         if channel is None or self._proto.may_send:
             return
         with channel.cond:
             while not self._proto.may_send:
+                sync.check(generation)  # abort / clear / loss end the wait
                 left = remaining(deadline)
                 if left == 0:
                     raise VisaTimeout(f"{self.resource}: AsyncInterrupted never followed Interrupted")
@@ -295,7 +301,7 @@ class HislipSession(Session):
                         self._maybe_finish(cur)
                         return n, True
                 n += got
-            if self._maybe_finish(cur) and cur.type is _MT.DATA_END:
+            if self._maybe_finish(cur) and cur.type is _MT.DATA_END and cur.deliver:
                 return n, True
             if n == total:
                 return n, False
@@ -381,7 +387,7 @@ class HislipSession(Session):
     def clear(self) -> None:
         sync = self._channel()
         with self._clear_lock:
-            sync.abort()  # a read/write blocked on the executor thread raises Aborted and lets go
+            self.abort()  # a read/write blocked on the executor thread raises Aborted and lets go
             patience = max(self.attributes.timeout or 0.0, CLEAR_PATIENCE)
             if not self._sync_lock.acquire(timeout=patience):
                 raise VisaTimeout(f"{self.resource}: device clear could not take the synchronous channel")
@@ -475,9 +481,19 @@ class HislipSession(Session):
             raise self._protocol_failure(exc) from None
 
     # ------------------------------------------------------------------ control operations
-    def read_stb(self) -> int:
+    def _request(self, build: Callable[[], h.Message]) -> h.Message:
+        """Build an async request from the protocol state; misuse becomes a VISA error."""
+        self._channel()
         with self._state_lock:
-            request = self._proto.status_query()
+            try:
+                return build()
+            except LocalProtocolError as exc:
+                if self._proto.phase is not Phase.READY:
+                    raise ResourceBusy(f"{self.resource}: {exc} (device clear in progress?)") from None
+                raise InvalidParameter(f"{self.resource}: {exc}") from None
+
+    def read_stb(self) -> int:
+        request = self._request(self._proto.status_query)
         reply = self._async_call(request, _MT.ASYNC_STATUS_RESPONSE, self.attributes.timeout)
         return HislipClient.receive_status_response(reply)
 
@@ -496,7 +512,7 @@ class HislipSession(Session):
             self._held[kind] += 1
             return
         timeout_ms = INFINITE_MS if timeout is None else min(int(timeout * 1000), INFINITE_MS - 1)
-        request = self._proto.lock_request(timeout_ms, key)
+        request = self._request(lambda: self._proto.lock_request(timeout_ms, key))
         margin = self.attributes.timeout if self.attributes.timeout is not None else 2.0
         wait = None if timeout is None else timeout + margin
         result = HislipClient.receive_lock_response(self._async_call(request, _MT.ASYNC_LOCK_RESPONSE, wait))
@@ -516,7 +532,7 @@ class HislipSession(Session):
         if self._held[kind] > 1:
             self._held[kind] -= 1
             return
-        request = self._proto.lock_release()
+        request = self._request(self._proto.lock_release)
         result = HislipClient.receive_lock_response(
             self._async_call(request, _MT.ASYNC_LOCK_RESPONSE, self.attributes.timeout)
         )
@@ -539,8 +555,8 @@ class HislipSession(Session):
             code = h.RemoteLocal(request)
         except ValueError:
             raise InvalidParameter(f"{self.resource}: remote/local request must be 0-6, got {request}") from None
-        reply = self._async_call(self._proto.remote_local(code), _MT.ASYNC_REMOTE_LOCAL_RESPONSE,
-                                 self.attributes.timeout)
+        request = self._request(lambda: self._proto.remote_local(code))
+        reply = self._async_call(request, _MT.ASYNC_REMOTE_LOCAL_RESPONSE, self.attributes.timeout)
         HislipClient.receive_remote_local_response(reply)
 
     def remote(self) -> None:
@@ -563,6 +579,6 @@ class HislipSession(Session):
             configure(sync.sock, self.attributes.nodelay, self.attributes.keepalive)
             configure(channel.sock, True, self.attributes.keepalive)
         elif name == "max_message_kb":
-            request = self._proto.maximum_message_size(self._wanted_max_size())
+            request = self._request(lambda: self._proto.maximum_message_size(self._wanted_max_size()))
             reply = self._async_call(request, _MT.ASYNC_MAXIMUM_MESSAGE_SIZE_RESPONSE, self.attributes.timeout)
             self._proto.receive_maximum_message_size_response(reply)
