@@ -236,10 +236,13 @@ class HislipSession(Session):
             self._sync_lock.release()
 
     def _send_sync(self, sync: SyncSocket, message: h.Message, deadline: float | None, generation: int) -> None:
-        self._owed = h.HEADER_SIZE + len(message.payload)
+        total = h.HEADER_SIZE + len(message.payload)
+        done = 0
 
-        def sent(n: int) -> None:
-            self._owed -= n
+        def sent(n: int) -> None:  # only a message that has begun to leave is owed to the server
+            nonlocal done
+            done += n
+            self._owed = total - done
 
         sync.send([memoryview(message.header()), memoryview(message.payload)], deadline, generation, sent)
 
