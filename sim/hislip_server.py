@@ -162,6 +162,14 @@ class HislipServer(InstrumentServer):
     def resource(self) -> str:
         return f"TCPIP::{self.url_host}::hislip0,{self.port}::INSTR"
 
+    def stop(self) -> None:
+        """Stop listening and end every live session (their handler threads then finish)."""
+        super().stop()
+        with self._cond:
+            links = list(self._links.values())
+        for link in links:
+            link.close()
+
     def _make_engine(self, name: str, session_id: int) -> ScpiSession:
         engine = ScpiSession(self.instruments[name], on_srq=lambda stb: self._on_srq(session_id, stb))
         self._engines[session_id] = engine
