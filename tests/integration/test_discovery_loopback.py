@@ -24,10 +24,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from visabus.sim.advertise import Advertiser
 from visabus.workers.discovery import DiscoveryConfig, DiscoveryService, resolve_interfaces
 from visabus.workers.discovery.interfaces import Interface
 from visabus.workers.discovery.vxi11_scan import BroadcastScanner
 from visabus.workers.protocols.portmapper import IPPROTO_TCP, PortmapperServer
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -260,3 +262,67 @@ def test_broadcast_scanner_reaches_a_portmapper_bound_to_loopback() -> None:
         finally:
             scanner.close()
     assert [h.resource for h in hits] == ["TCPIP0::127.0.0.1,31337::inst0::INSTR"]
+
+
+def test_identify_hook_names_a_broadcast_only_instrument() -> None:
+    calls: list[str] = []
+
+    def identify(resource: str) -> str | None:
+        calls.append(resource)
+        return "ACME,SIM-9,ID42,2.0\n"
+
+    with PortmapperServer("127.0.0.1", 0) as pm:
+        pm.register(0x0607AF, 1, IPPROTO_TCP, 31338)
+        resource = "TCPIP0::127.0.0.1,31338::inst0::INSTR"
+        config = DiscoveryConfig(mdns=False, portmapper_port=pm.udp_port)
+        events = Events()
+        service = DiscoveryService(config, events.emit, identify=identify)
+        stop = threading.Event()
+        thread = threading.Thread(target=service.run, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            _, _, first = events.wait_for("appearance", lambda t, d: resource in d["resources"], 3)
+            _, _, named = events.wait_for("identification", lambda t, d: d["key"] == "id:acme:ID42", 3)
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+            service.close()
+    assert first["key"] == "addr:127.0.0.1/vxi11"
+    assert named["previous_keys"] == ["addr:127.0.0.1/vxi11"]
+    assert named["metadata"] == {"manufacturer": "ACME", "model": "SIM-9", "serial": "ID42", "firmware": "2.0"}
+    assert calls == [resource]  # asked once, not every round
+
+
+def test_malformed_mdns_records_are_skipped_and_discovery_goes_on() -> None:
+    serial = f"MAL{os.getpid()}{random.randint(0, 9999)}"
+    zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
+    # On 127.0.0.2 so that the anonymous one does not adopt the good instrument's identity by address.
+    bad = [
+        ServiceInfo("_lxi._tcp.local.", f"nomaker {serial}._lxi._tcp.local.", port=80,
+                    properties={"Model": "X"}, server=f"bad-{serial}.local.", addresses=[socket.inet_aton("127.0.0.2")]),
+        ServiceInfo("_vicp._tcp.local.", f"noport {serial}._vicp._tcp.local.", port=0,
+                    properties={"Manufacturer": "LECROY"}, server=f"bad-{serial}.local.",
+                    addresses=[socket.inet_aton("127.0.0.2")]),
+        ServiceInfo("_scpi-raw._tcp.local.", f"nones {serial}._scpi-raw._tcp.local.", port=5025,
+                    properties={"Manufacturer": None, "SerialNumber": None}, server=f"bad-{serial}.local.",
+                    addresses=[socket.inet_aton("127.0.0.2")]),
+    ]
+    good_raw = random.randint(20000, 30000)
+    for info in bad:
+        zc.register_service(info, cooperating_responders=True)  # no name probing: quick
+    events = Events()
+    try:
+        with running_discovery(DiscoveryConfig(broadcast=False), events), Advertiser(
+            "127.0.0.1", f"ACME,SIM-1,{serial},1.0", {"socket": good_raw}
+        ):
+            _, _, data = events.wait_for("the good instrument", lambda t, d: d["key"] == f"id:acme:{serial}", 5)
+            assert data["resources"] == [f"TCPIP0::127.0.0.1::{good_raw}::SOCKET"]
+            # The record with None TXT values still names a resource (without metadata); the others name none.
+            _, _, anonymous = events.wait_for(
+                "the record with None values", lambda t, d: d["resources"] == ["TCPIP0::127.0.0.2::5025::SOCKET"], 5
+            )
+            assert (anonymous["key"], anonymous["metadata"]) == ("addr:127.0.0.2/socket", {})
+            assert not [d for _, _, d in events.items if any(r.startswith("VICP") for r in d["resources"])]
+    finally:
+        zc.unregister_all_services()
+        zc.close()

@@ -1,10 +1,13 @@
-"""The discovery inventory: hysteresis, grouping by identity, changed events. Pure: no sockets, no clock."""
+"""The discovery inventory: hysteresis, grouping by identity, changed events; and the mDNS record mapping that
+feeds it. Pure: no sockets, no clock."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 from visabus.workers.discovery.inventory import (
     APPEARED,
     CHANGED,
@@ -15,6 +18,9 @@ from visabus.workers.discovery.inventory import (
     Source,
     metadata_from_idn,
 )
+from visabus.workers.discovery.mdns import record_to_resource
+from visabus.workers.discovery.mdns_probe import answered_names
+from zeroconf import DNSOutgoing, DNSRecord, DNSService, DNSText
 
 VXI = "TCPIP0::10.0.0.5::inst0::INSTR"
 HISLIP = "TCPIP0::10.0.0.5::hislip0::INSTR"
@@ -267,3 +273,102 @@ def test_own_identity_is_remembered_when_only_another_source_still_sees_the_reso
     assert instrument["key"] == "id:acme:0001"
     assert instrument["sources"] == ["broadcast"]
     assert instrument["metadata"] == ACME
+
+
+# ---------------------------------------------------------------- mDNS record → observation (pure mapping)
+# The inventory's mDNS input comes from `record_to_resource`; malformed records must map to nothing.
+
+LXI_TXT = {b"txtvers": b"1", b"Manufacturer": b"Teledyne LeCroy", b"Model": b"WR8104", b"SerialNumber": b"LCRY1",
+           b"FirmwareVersion": b"9.2"}
+
+
+def mapped(service_type: str, port: int | None, properties: Mapping[Any, Any] | None,
+           addresses: tuple[str, ...] = ("10.0.0.5",), lookup: Callable[[str, int], int | None] | None = None,
+           ) -> str | None:
+    record = record_to_resource(service_type, "X._t._tcp.local.", addresses, port, properties,
+                                core_port_lookup=lookup)
+    return record.resource if record else None
+
+
+@pytest.mark.parametrize(
+    ("service_type", "port", "expected"),
+    [
+        ("_hislip._tcp.local.", 4880, "TCPIP0::10.0.0.5::hislip0::INSTR"),
+        ("_hislip._tcp.local.", 4881, "TCPIP0::10.0.0.5::hislip0,4881::INSTR"),
+        ("_scpi-raw._tcp.local.", 5025, "TCPIP0::10.0.0.5::5025::SOCKET"),
+        ("_vxi-11._tcp.local.", 111, "TCPIP0::10.0.0.5::inst0::INSTR"),
+        ("_vicp._tcp.local.", 1861, "VICP0::10.0.0.5::INSTR"),
+        ("_vicp._tcp.local.", 1862, "VICP0::10.0.0.5,1862::INSTR"),
+        ("_lxi._tcp.local.", 80, "VICP0::10.0.0.5::INSTR"),  # LeCroy maker → VICP; SRV port is the web's
+    ],
+)
+def test_records_map_to_canonical_resources(service_type: str, port: int, expected: str) -> None:
+    assert mapped(service_type, port, LXI_TXT) == expected
+
+
+def test_txt_keys_become_metadata_case_insensitively() -> None:
+    record = record_to_resource("_hislip._tcp.local.", "A._hislip._tcp.local.", ["10.0.0.5"], 4880,
+                                {b"MANUFACTURER": b"ACME", b"serialnumber": b" 7 ", b"Other": b"x"})
+    assert record is not None
+    assert record.metadata == {"manufacturer": "ACME", "serial": "7"}
+    assert record.name == "a._hislip._tcp.local."
+
+
+def test_vxi11_record_off_port_111_asks_the_portmapper_for_the_core_port() -> None:
+    assert mapped("_vxi-11._tcp.local.", 40111, {}, lookup=lambda host, port: 40222) == (
+        "TCPIP0::10.0.0.5,40222::inst0::INSTR"
+    )
+    assert mapped("_vxi-11._tcp.local.", 40111, {}, lookup=lambda host, port: None) is None
+    assert mapped("_vxi-11._tcp.local.", 40111, {}) is None
+
+
+@pytest.mark.parametrize(
+    ("service_type", "port", "properties", "addresses"),
+    [
+        pytest.param("_hislip._tcp.local.", 0, {}, ("10.0.0.5",), id="port-0"),
+        pytest.param("_hislip._tcp.local.", 70000, {}, ("10.0.0.5",), id="port-too-big"),
+        pytest.param("_hislip._tcp.local.", None, {}, ("10.0.0.5",), id="no-port"),
+        pytest.param("_scpi-raw._tcp.local.", 5025, {}, (), id="no-address"),
+        pytest.param("_scpi-raw._tcp.local.", 5025, {}, ("fe80::1", "not-an-ip"), id="no-ipv4-address"),
+        pytest.param("_lxi._tcp.local.", 80, {b"Model": b"X"}, ("10.0.0.5",), id="lxi-without-manufacturer"),
+        pytest.param("_lxi._tcp.local.", 80, {b"Manufacturer": None}, ("10.0.0.5",), id="lxi-manufacturer-None"),
+        pytest.param("_lxi._tcp.local.", 80, {b"Manufacturer": b"Keysight"}, ("10.0.0.5",), id="lxi-not-vicp"),
+        pytest.param("_printer._tcp.local.", 631, {}, ("10.0.0.5",), id="unknown-type"),
+    ],
+)
+def test_malformed_records_are_skipped_with_a_log_line(
+    service_type: str, port: int | None, properties: Mapping[Any, Any], addresses: tuple[str, ...]
+) -> None:
+    with capture_logs() as logs:
+        assert mapped(service_type, port, properties, addresses) is None
+    assert logs, "a skipped record must say why"
+
+
+def test_bad_txt_values_are_dropped_but_the_record_is_kept() -> None:
+    properties = {b"Manufacturer": None, b"Model": b"\xff\xfeBAD", b"SerialNumber": b"", b"\xff": b"x",
+                  b"FirmwareVersion": 3}
+    with capture_logs() as logs:
+        record = record_to_resource("_scpi-raw._tcp.local.", "A._scpi-raw._tcp.local.", ["10.0.0.5"], 5025,
+                                    properties)
+    assert record is not None and record.resource == "TCPIP0::10.0.0.5::5025::SOCKET"
+    assert record.metadata == {"model": "\ufffd\ufffdBAD"}  # undecodable bytes replaced, not fatal
+    assert {e["event"] for e in logs} == {
+        "discovery.mdns_txt_without_value", "discovery.mdns_bad_txt_key", "discovery.mdns_bad_txt_value"
+    }
+
+
+def _response(*records: DNSRecord, flags: int = 0x8400) -> bytes:
+    out = DNSOutgoing(flags, multicast=False, id_=7)
+    for record in records:
+        out.add_answer_at_time(record, 0)
+    return out.packets()[0]
+
+
+def test_probe_answers_name_the_services_that_are_alive() -> None:
+    srv = DNSService("A._hislip._tcp.local.", 33, 1, 10, 0, 0, 4880, "box.local.")
+    txt = DNSText("B._scpi-raw._tcp.local.", 16, 1, 10, b"\x07txtvers")
+    goodbye = DNSService("C._hislip._tcp.local.", 33, 1, 0, 0, 0, 4880, "box.local.")
+    assert answered_names(_response(srv, txt, goodbye)) == {"a._hislip._tcp.local.", "b._scpi-raw._tcp.local."}
+    assert answered_names(_response(srv, flags=0x0000)) == set()  # a query, not an answer
+    assert answered_names(b"\x00\x07\x84") == set()  # truncated header
+    assert answered_names(bytes(range(256))) == set()  # noise

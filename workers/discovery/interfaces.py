@@ -46,8 +46,9 @@ def _ipv4_interfaces() -> list[Interface]:
                 continue
             netmask = addr.netmask or "255.255.255.255"
             network = ipaddress.IPv4Network(f"{addr.address}/{netmask}", strict=False)
-            broadcast = addr.broadcast or str(network.broadcast_address)
-            found.append(Interface(name, addr.address, netmask, broadcast))
+            # Computed, not taken from psutil: an address added without "brd" reports itself as its
+            # broadcast address, and a GETPORT sent there would reach nobody.
+            found.append(Interface(name, addr.address, netmask, str(network.broadcast_address)))
     return found
 
 

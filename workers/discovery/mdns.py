@@ -3,7 +3,9 @@
 `record_to_resource` is the pure part: one resolved service record → canonical resource + metadata, or
 None (with a log line) when the record cannot name a usable resource. `MdnsBrowser` is the I/O part:
 browses the LXI service types and reports found/updated/removed (goodbye or expired) records through a
-callback. Liveness of known records between announcements is `mdns_probe.MdnsProber`'s job.
+callback. For liveness checks between announcements it can multicast a question for known services
+(`query`) and tells which services were heard since (`take_heard`); `mdns_probe.MdnsProber` asks the same
+question with a one-shot query that is answered by unicast.
 """
 
 from __future__ import annotations
@@ -18,8 +20,17 @@ from typing import Any
 import structlog
 from visabus.sdk.errors import InvalidResourceName
 from visabus.sdk.resources import Protocol, Resource
+from zeroconf import (
+    DNSOutgoing,
+    DNSQuestion,
+    IPVersion,
+    RecordUpdate,
+    RecordUpdateListener,
+    ServiceBrowser,
+    ServiceStateChange,
+    Zeroconf,
+)
 from zeroconf import Error as ZeroconfError
-from zeroconf import IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +43,10 @@ SERVICE_TYPES = (HISLIP_TYPE, VXI11_TYPE, SCPI_RAW_TYPE, LXI_TYPE, VICP_TYPE)
 PORTMAPPER_PORT = 111
 RETRY_MIN_S = 1.0
 RETRY_MAX_S = 60.0
+_TYPE_TXT = 16
+_TYPE_SRV = 33
+_CLASS_IN = 1
+_FLAGS_QUERY = 0x0000
 # An `_lxi._tcp` record from these makers is a scope that speaks VICP on its default port.
 VICP_MANUFACTURERS = ("lecroy", "teledyne")
 # LXI TXT keys (case-insensitive) → our metadata fields.
@@ -162,6 +177,26 @@ class MdnsGone:
 MdnsUpdate = MdnsFound | MdnsGone
 
 
+class _HeardListener(RecordUpdateListener):
+    """Notes every live SRV or TXT record that arrives by multicast: evidence that its service answers."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._heard: set[str] = set()
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        with self._lock:
+            for update in records:
+                record = update.new
+                if record.type in (_TYPE_SRV, _TYPE_TXT) and record.ttl > 0:
+                    self._heard.add(record.name.lower())
+
+    def take(self) -> set[str]:
+        with self._lock:
+            heard, self._heard = self._heard, set()
+        return heard
+
+
 class MdnsBrowser:
     """Browse the LXI service types on the given IPv4 addresses; report through `sink` (called from
     zeroconf's browser thread)."""
@@ -189,11 +224,13 @@ class MdnsBrowser:
         # service name → (type, when to try next, current back-off): resolution to be retried
         self._pending: dict[str, tuple[str, float, float]] = {}
         self._retrying: threading.Thread | None = None
+        self._heard = _HeardListener()
         self._zc: Zeroconf | None = None
         self._browser: ServiceBrowser | None = None
 
     def start(self) -> None:
         self._zc = Zeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
+        self._zc.add_listener(self._heard, None)
         self._browser = ServiceBrowser(self._zc, self._service_types, handlers=[self._on_change])
         log.info("discovery.mdns_browsing", interfaces=self.addresses, types=self._service_types)
 
@@ -212,6 +249,21 @@ class MdnsBrowser:
     def record(self, name: str) -> MdnsRecord | None:
         with self._lock:
             return self._records.get(name.lower())
+
+    def query(self, names: Sequence[str]) -> None:
+        """Multicast a question for the SRV record of each named service (answers arrive by multicast, at
+        most one a second per record: RFC 6762 §6)."""
+        zc = self._zc
+        if zc is None or not names:
+            return
+        out = DNSOutgoing(_FLAGS_QUERY, multicast=True)
+        for name in names:
+            out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+        zc.send(out)
+
+    def take_heard(self) -> set[str]:
+        """Service names whose SRV or TXT record arrived by multicast since the last call."""
+        return self._heard.take()
 
     def retry_pending(self) -> None:
         """Resolve again, on a helper thread, the records whose resolution failed for a reason that may

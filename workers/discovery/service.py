@@ -30,7 +30,7 @@ import structlog
 
 from .interfaces import Interface, resolve_interfaces
 from .inventory import DISAPPEARED, Event, Inventory, Observation, Source, metadata_from_idn
-from .mdns import MdnsBrowser, MdnsFound, MdnsGone, MdnsRecord, MdnsUpdate
+from .mdns import MdnsBrowser, MdnsFound, MdnsGone, MdnsRecord
 from .mdns_probe import MdnsProber
 from .vxi11_scan import BroadcastScanner, ScanHit, core_port_lookup
 
@@ -103,10 +103,13 @@ class DiscoveryConfig:
 
 @dataclass
 class _Run:
-    """State of one loop run (continuous or one-shot)."""
+    """State of one loop run (continuous or one-shot). Other threads only `post` to it."""
 
     inventory: Inventory
     emit: Emit | None
+    queue: queue.SimpleQueue[tuple[str, Any]] = field(default_factory=queue.SimpleQueue)
+    wake_r: socket.socket = field(init=False)
+    wake_w: socket.socket = field(init=False)
     scanner: BroadcastScanner | None = None
     prober: MdnsProber | None = None
     browser: MdnsBrowser | None = None
@@ -114,6 +117,30 @@ class _Run:
     next_scan_at: float = 0.0
     next_probe_at: float = 0.0
     identifying: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+
+    def post(self, kind: str, item: Any) -> None:
+        """From any thread: queue an item for the loop and wake it."""
+        self.queue.put((kind, item))
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:  # buffer full (the loop is awake anyway) or the run has ended
+            pass
+
+    def clear_wake(self) -> None:
+        try:
+            while self.wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: drained
+            pass
+
+    def close(self) -> None:
+        self.wake_r.close()
+        self.wake_w.close()
 
 
 class DiscoveryService:
@@ -129,10 +156,6 @@ class DiscoveryService:
         self.config = config
         self._emit = emit
         self._identify = identify
-        self._queue: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
 
     # ------------------------------------------------------------------ public
     def run(self, stop: threading.Event) -> None:
@@ -149,8 +172,8 @@ class DiscoveryService:
         return state.inventory.instruments(time.time())
 
     def close(self) -> None:
-        self._wake_r.close()
-        self._wake_w.close()
+        """Nothing to release: each run opens and closes its own sockets. Kept so callers may always
+        pair construction with close()."""
 
     # -------------------------------------------------------------------- loop
     def _loop(self, state: _Run, stop: threading.Event, deadline: float | None) -> None:
@@ -180,6 +203,7 @@ class DiscoveryService:
             self._close(state)
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+            state.close()
             log.info("discovery.stopped")
 
     def _open(self, state: _Run, interfaces: Sequence[Interface]) -> None:
@@ -193,7 +217,8 @@ class DiscoveryService:
             state.prober = MdnsProber(addresses)
             state.prober.open()
             state.browser = MdnsBrowser(
-                addresses, self._post_mdns, networks=networks, core_port_lookup=core_port_lookup()
+                addresses, lambda update: state.post("mdns", update), networks=networks,
+                core_port_lookup=core_port_lookup(),
             )
             state.browser.start()
 
@@ -215,8 +240,13 @@ class DiscoveryService:
                 state.round_ends_at = now + cfg.window_s
                 state.next_scan_at = max(state.next_scan_at + cfg.interval_s, now + cfg.window_s)
         if state.prober is not None and state.browser is not None and now >= state.next_probe_at:
+            # Records multicast since the last round count as answers too: a responder that ignores
+            # one-shot queries still answers the multicast one the browser sends.
+            self._on_probe_answers(state, state.browser, state.browser.take_heard(), pool)
             self._deliver(state, state.inventory.end_round(Source.MDNS, time.time()), pool)
-            state.prober.send(r.name for r in state.browser.records())
+            names = [r.name for r in state.browser.records()]
+            state.prober.send(names)
+            state.browser.query(names)
             state.browser.retry_pending()
             state.next_probe_at = max(state.next_probe_at + cfg.probe_s, now)
 
@@ -244,7 +274,7 @@ class DiscoveryService:
     def _drain(self, state: _Run, pool: ThreadPoolExecutor | None) -> None:
         while True:
             try:
-                kind, item = self._queue.get_nowait()
+                kind, item = state.queue.get_nowait()
             except queue.Empty:
                 return
             when = time.time()
@@ -265,15 +295,15 @@ class DiscoveryService:
         if deadline is not None:
             wake_at.append(deadline)
         timeout = max(0.0, min(wake_at) - time.monotonic())
-        sockets: list[socket.socket] = [self._wake_r]
+        sockets: list[socket.socket] = [state.wake_r]
         if state.scanner is not None:
             sockets += state.scanner.sockets
         if state.prober is not None:
             sockets += state.prober.sockets
         readable, _, _ = select.select(sockets, [], [], timeout)
         for sock in readable:
-            if sock is self._wake_r:
-                self._clear_wake()
+            if sock is state.wake_r:
+                state.clear_wake()
             elif state.scanner is not None and sock in state.scanner.sockets:
                 self._on_scan_hits(state, state.scanner.read(sock), pool)
             elif state.prober is not None and state.browser is not None:
@@ -301,33 +331,17 @@ class DiscoveryService:
             if resource in state.identifying or not state.inventory.needs_identity(resource):
                 continue
             state.identifying.add(resource)
-            pool.submit(self._run_identify, self._identify, resource)
+            pool.submit(self._run_identify, state, self._identify, resource)
 
-    def _run_identify(self, identify: Identify, resource: str) -> None:
+    @staticmethod
+    def _run_identify(state: _Run, identify: Identify, resource: str) -> None:
         try:
             idn = identify(resource)
         except Exception:  # a user hook: its failure must not end discovery
             log.exception("discovery.identify_failed", resource=resource)
             return
         if idn:
-            self._post("identified", (resource, idn))
-
-    def _post_mdns(self, update: MdnsUpdate) -> None:
-        self._post("mdns", update)
-
-    def _post(self, kind: str, item: Any) -> None:
-        self._queue.put((kind, item))
-        try:
-            self._wake_w.send(b"\0")
-        except (BlockingIOError, OSError):  # buffer full (loop already awake) or service closed
-            pass
-
-    def _clear_wake(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+            state.post("identified", (resource, idn))
 
 
 def _mdns_observation(record: MdnsRecord, when: float) -> Observation:
