@@ -10,6 +10,7 @@ schema in visabus.sdk.schema: malformed input is answered with an error or dropp
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import time
@@ -30,6 +31,8 @@ from .locks import validate_lock_request
 from .state import ClientSession, LockWaiter, Request, ResourceEntry, WorkerEntry
 
 log = structlog.get_logger(__name__)
+
+RETIRED_SESSIONS_KEPT = 1024  # ended client sessions whose request ids are still remembered
 
 
 @dataclass
@@ -64,6 +67,7 @@ class Broker:
         self.sessions: dict[str, ClientSession] = {}
         self.rid_sid: dict[bytes, str] = {}
         self.discovered: dict[str, dict[str, Any]] = {}
+        self.retired: collections.OrderedDict[str, ClientSession] = collections.OrderedDict()
         self.inflight_by_bid: dict[int, Request] = {}
         self._bids = itertools.count(1)
         self._topic_seq: dict[str, int] = {}
@@ -116,6 +120,8 @@ class Broker:
                 handler(frames)
             except VisaBusError as exc:  # a handler's precise error that had no request to answer
                 log.warning("broker.handler_error", error=str(exc))
+            except Exception:  # a bug in one message's handling must not stop the bus for everyone
+                log.exception("broker.handler_bug")
 
     # ========================================================================= sending helpers
     def _send(self, sock: zmq.Socket, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
@@ -169,7 +175,9 @@ class Broker:
             sid = self.rid_sid.get(rid) or f"anon-{rid.hex()}"  # clients that skip hello still get a session
         session = self.sessions.get(sid)
         if session is None:
-            session = self.sessions[sid] = ClientSession(sid=sid, last_seen=now)
+            session = self.retired.pop(sid, None) or ClientSession(sid=sid, last_seen=now)
+            session.rids = set()
+            self.sessions[sid] = session
         if rid not in session.rids:
             session.rids.add(rid)
             self.rid_sid[rid] = sid
@@ -234,7 +242,10 @@ class Broker:
 
     def _op_status(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
         out = []
+        only = self.aliases.get(header.get("res") or "", header.get("res"))
         for res, entry in sorted(self.resources.items()):
+            if only and res != only and entry.alias != only:
+                continue
             worker = self.workers.get(entry.worker) if entry.worker else None
             out.append({
                 "res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
@@ -274,13 +285,16 @@ class Broker:
         if entry is None:
             return
         try:
-            exclusive, key = validate_lock_request(header.get("exclusive", True), header.get("key"))
+            exclusive = header.get("exclusive")
+            exclusive, key = validate_lock_request(True if exclusive is None else exclusive, header.get("key"))
         except VisaBusError as exc:
             self._error(rid, header, exc.code, exc.message)
             return
         granted = entry.locks.try_acquire(session.sid, exclusive, key)
         if granted is not None:
-            self._send_client(rid, schema.reply(header, 0, key=granted or None))
+            depth = entry.locks.exclusive_depth if exclusive else entry.locks.shared.get(session.sid, 1)
+            nested = StatusCode.VI_SUCCESS_NESTED_EXCLUSIVE if exclusive else StatusCode.VI_SUCCESS_NESTED_SHARED
+            self._send_client(rid, schema.reply(header, int(nested) if depth > 1 else 0, key=granted or None))
             self._lock_changed(entry, session.sid, "acquired")
             return
         wait_ms = header.get("lock_timeout_ms", header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS))
@@ -358,8 +372,10 @@ class Broker:
             return
         now = time.monotonic()
         timeout_ms = header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS)
+        timeout_s = None if timeout_ms is None else timeout_ms / 1000.0
         req = Request(bid=next(self._bids), rid=rid, sid=session.sid, cid=cid, header=header, frames=data,
-                      res=entry.res, received=now, deadline=None if timeout_ms is None else now + timeout_ms / 1000.0)
+                      res=entry.res, received=now, deadline=None if timeout_s is None else now + timeout_s,
+                      timeout_s=timeout_s)
         entry.stats.requests += 1
         entry.stats.bytes_in += sum(len(f) for f in data)
         if entry.worker is None:
@@ -406,7 +422,10 @@ class Broker:
         worker.inflight = req
         worker.dispatched += 1
         self.inflight_by_bid[req.bid] = req
-        self._send_worker(worker.data_rid, {**req.header, "id": req.bid, "n": worker.dispatched}, req.frames)
+        # The worker gets what is left of the caller's timeout, not a fresh one after the queueing.
+        left = None if req.deadline is None else max(1, int((req.deadline - now) * 1000))
+        self._send_worker(worker.data_rid, {**req.header, "id": req.bid, "n": worker.dispatched, "timeout_ms": left},
+                          req.frames)
 
     def _fail(self, req: Request, code: StatusCode, message: str, **fields: Any) -> None:
         if req.answered:
@@ -448,7 +467,7 @@ class Broker:
         worker.last_seen = now
         if op == "reply":
             self._on_reply(worker, header, data, now)
-        elif op in ("heartbeat", "state"):
+        elif op == "state" or (op == "heartbeat" and header["state"] != worker.state):
             self._set_worker_state(worker, header["state"], header.get("detail"))
         elif op == "bye":
             self._worker_gone(worker, "worker said goodbye")
@@ -547,7 +566,7 @@ class Broker:
 
     def _update_reservation(self, entry: ResourceEntry, req: Request, status: int, now: float) -> None:
         """A write that asks a question reserves the instrument for its writer until the answer is read."""
-        if req.op == "write" and status >= 0 and req.frames and b"?" in req.frames[0].bytes:
+        if req.op == "write" and status >= 0 and req.frames and _asks_question(req.frames[0]):
             entry.reserved_by = req.sid
             hold = req.timeout_s if req.timeout_s is not None else 10.0
             entry.reserved_until = now + max(1.0, hold)
@@ -641,9 +660,19 @@ class Broker:
         self.sessions.pop(session.sid, None)
         for rid in session.rids:
             self.rid_sid.pop(rid, None)
+        # Keep the ids it used for a while: a client that comes back with the same session id must not
+        # get an old request executed twice (at-most-once outlives the lease).
+        self.retired[session.sid] = session
+        while len(self.retired) > RETIRED_SESSIONS_KEPT:
+            self.retired.popitem(last=False)
         released = []
         for entry in self.resources.values():
-            entry.queue.remove(session.sid, lambda r: True)
+            for req in entry.queue.remove(session.sid, lambda r: True):
+                self._fail(req, StatusCode.VI_ERROR_ABORT, f"the client session ended ({why}) before this ran",
+                           outcome="not_executed")
+            for waiter in [w for w in entry.lock_waiters if w.sid == session.sid]:
+                self._error(waiter.rid, waiter.header, StatusCode.VI_ERROR_ABORT,
+                            f"the client session ended ({why}) while waiting for the lock")
             entry.lock_waiters = [w for w in entry.lock_waiters if w.sid != session.sid]
             if entry.reserved_by == session.sid:
                 entry.reserved_by = None
@@ -659,6 +688,12 @@ class Broker:
         self._next_heartbeat = now + self.config.heartbeat_ms / 1000.0
         for worker in list(self.workers.values()):
             self._send_worker(worker.rid, {"v": schema.VERSION, "op": "heartbeat"})
+
+
+def _asks_question(frame: Any) -> bool:
+    """Does this program message contain a query? Looks at the text before any binary block only."""
+    head = bytes(frame.buffer[:4096]) if hasattr(frame, "buffer") else bytes(frame[:4096])
+    return b"?" in head.split(b"#", 1)[0]
 
 
 def _status_name(code: int) -> str:

@@ -25,17 +25,13 @@ class Request:
     res: str
     received: float
     deadline: float | None   # None = wait forever
+    timeout_s: float | None = None  # the effective per-operation timeout (default applied)
     answered: bool = False   # the broker already answered (timeout/worker death); drop late replies
     chunks: int = 0
 
     @property
     def op(self) -> str:
         return str(self.header.get("op"))
-
-    @property
-    def timeout_s(self) -> float | None:
-        t = self.header.get("timeout_ms")
-        return None if t is None else t / 1000.0
 
 
 @dataclass

@@ -43,7 +43,7 @@ class Client:
         self._lock = threading.RLock()
         self._closed = False
         info = self._hello()
-        self.events_url: str = info["events"]
+        self.events_url: str = _reachable(info["events"], self.url)
         self.lease_ms: int = info.get("lease_ms", 10_000)
         self._heartbeat_ms: int = info.get("heartbeat_ms", 1000)
         self._beat_stop = threading.Event()
@@ -202,6 +202,15 @@ class Client:
     def subscribe(self, prefix: str = "") -> EventStream:
         """A live subscription, confirmed before this returns (no events are missed after it)."""
         return EventStream(self, prefix)
+
+
+def _reachable(events: str, frontend: str) -> str:
+    """A broker bound to a wildcard reports tcp://0.0.0.0:P; reach it where we reached the broker."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if events.startswith(wildcard) and frontend.startswith("tcp://"):
+            host = frontend[len("tcp://"):].rsplit(":", 1)[0]
+            return f"tcp://{host}:{events[len(wildcard):]}"
+    return events
 
 
 class EventStream:

@@ -81,7 +81,7 @@ TRANSACTION_STEP_OPS = frozenset({"write", "read", "query", "read_stb", "trigger
 WORKER_OPS: dict[str, dict[str, Any]] = {
     "ready": {"required": {"res": _S, "state": _S, "wid": _S}, "optional": {"alias": _S, "protocol": _S, "pid": _I}},
     "attach": {"required": {"wid": _S}, "optional": {}},
-    "heartbeat": {"required": {"state": _S}, "optional": {}},
+    "heartbeat": {"required": {"state": _S}, "optional": {"detail": _S}},
     "state": {"required": {"state": _S}, "optional": {"detail": _S}},
     "reply": {"required": {"id": _I, "status": _I}, "optional": {}, "data": None},
     "event": {"required": {"topic": _S}, "optional": {"data": dict}},
@@ -121,6 +121,8 @@ def unpack(frame: bytes | memoryview) -> Header:
         raise MalformedMessage(f"header is not valid msgpack: {exc}") from None
     if not isinstance(header, dict):
         raise MalformedMessage(f"header must be a msgpack map, got {type(header).__name__}")
+    if not all(type(key) is str for key in header):
+        raise MalformedMessage("header keys must be strings")
     return header
 
 
@@ -154,7 +156,7 @@ def decode(frames: Sequence[bytes | memoryview], table: dict[str, dict[str, Any]
         raise MalformedMessage("empty message")
     header = unpack(frames[0])
     data = list(frames[1:])
-    if header.get("v") != VERSION:
+    if type(header.get("v")) is not int or header["v"] != VERSION:
         raise MalformedMessage(
             f"protocol version {header.get('v')!r} is not supported (this broker speaks v{VERSION})",
             StatusCode.VI_ERROR_NSUP_OPER,
@@ -164,6 +166,10 @@ def decode(frames: Sequence[bytes | memoryview], table: dict[str, dict[str, Any]
     spec = (CLIENT_OPS if table is None else table).get(op) if isinstance(op, str) else None
     if spec is None:
         raise MalformedMessage(f"unknown op {op!r}", StatusCode.VI_ERROR_NSUP_OPER, header)
+    rid = header.get("id")
+    if table is None and (type(rid) is not int or not 0 <= rid < 2**63):
+        # The id keys replies and the at-most-once bookkeeping: it must be a plain, hashable integer.
+        raise MalformedMessage("field 'id' must be an integer from 0 to 2**63-1", header={"op": op})
     _check_fields(header, spec, op)
     wanted = spec.get("data", 0)
     if wanted is not None and len(data) != wanted:

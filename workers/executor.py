@@ -9,6 +9,7 @@ state (connecting -> ready -> lost -> ready ...).
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Executor(threading.Thread):
         self._credit: _Credit | None = None
         self._interrupted = False           # a cancel hit the running operation
         self.cleared_upto = 0               # dispatch numbers <= this were covered by a device clear
+        self._cancelled: collections.deque[Any] = collections.deque(maxlen=64)  # cancels ahead of their job
         self._job: Job | None = None
         self._guard = threading.Lock()
         self._backoff = BACKOFF_FIRST_S
@@ -110,6 +112,8 @@ class Executor(threading.Thread):
     def cancel(self, bid: Any) -> None:
         with self._guard:
             if bid != self._current:
+                # Dispatched but not started yet (the cancel overtook it on the control socket).
+                self._cancelled.append(bid)
                 return
             if self._credit is not None:
                 self._credit.cancel()
@@ -218,10 +222,11 @@ class Executor(threading.Thread):
             self._job = job
             self._interrupted = False
             self._credit = _Credit(max(1, min(int(header.get("credit") or schema.DEFAULT_CREDIT), schema.MAX_CREDIT)))
+        was_connected = self.session.connected
         try:
-            if not self.session.connected and not self._try_open(min(timeout or OPEN_TIMEOUT_S, OPEN_TIMEOUT_S)):
+            if not was_connected and not self._try_open(min(timeout or OPEN_TIMEOUT_S, OPEN_TIMEOUT_S)):
                 raise ConnectionLost(f"{self.res}: instrument not reachable ({self.state_detail}); "
-                                     f"retrying every {self._backoff:.1f}s")
+                                     f"retrying every {self._backoff:.1f}s", outcome="not_executed")
             handler = getattr(self, f"_op_{header['op']}", None)
             if handler is None:
                 raise NotSupported(f"operation {header['op']!r} is not supported by this worker")
@@ -229,9 +234,12 @@ class Executor(threading.Thread):
             self._check_interrupted()
             handler(job, timeout)
         except VisaBusError as exc:
+            extra: dict[str, Any] = {}
             if isinstance(exc, ConnectionLost):
                 self._mark_lost(exc.message)
-            self._send(schema.error_reply(header, exc.code, exc.message, op="reply"))
+                # Lost mid-operation: nobody can say whether the instrument acted on it.
+                extra["outcome"] = exc.details.get("outcome", "unknown" if was_connected else "not_executed")
+            self._send(schema.error_reply(header, exc.code, exc.message, op="reply", **extra))
         except ProtocolError as exc:
             self._mark_lost(str(exc))
             self._send(schema.error_reply(header, exc.code, f"{self.res}: protocol error: {exc}", op="reply"))
@@ -261,7 +269,8 @@ class Executor(threading.Thread):
 
     def _check_interrupted(self) -> None:
         with self._guard:
-            if self._interrupted or (self._job is not None and self._job.n <= self.cleared_upto):
+            if self._interrupted or (self._job is not None and self._job.n <= self.cleared_upto) \
+                    or self._current in self._cancelled:
                 raise Aborted(f"{self.res}: operation aborted by a device clear or cancel")
 
     def _op_read_stb(self, job: Job, timeout: float | None) -> None:
@@ -291,7 +300,7 @@ class Executor(threading.Thread):
         elif name in attrs.extra:
             value = attrs.extra[name]
         else:
-            raise NotSupported(f"{self.res}: unknown attribute {name!r}")
+            raise NotSupported(f"{self.res}: unknown attribute {name!r}", StatusCode.VI_ERROR_NSUP_ATTR)
         self._send(schema.reply(job.header, 0, op="reply", more=False, value=value))
 
     def _op_set_attr(self, job: Job, timeout: float | None) -> None:

@@ -33,6 +33,8 @@ from .sessions import SessionAttributes, session_for
 
 log = structlog.get_logger(__name__)
 
+MAX_REJECTIONS = 4  # registration refusals (another live worker owns the resource) before giving up
+
 
 class Worker:
     def __init__(self, resource: str | Resource, backend: str = DEFAULT_BACKEND, *, alias: str | None = None,
@@ -54,6 +56,8 @@ class Worker:
         self.executor = Executor(self.session, self.ctx, backend, self.wid, self._outbox, self._stop)
         self._dealer: zmq.Socket | None = None
         self.exit_code = 0
+        self._rejections = 0
+        self._register_at: float | None = None
 
     # ------------------------------------------------------------------------------ control loop
     def run(self) -> int:
@@ -79,8 +83,12 @@ class Worker:
                     poller.unregister(self._dealer)
                     self._connect()
                     broker_seen = now
+                if self._register_at is not None and now >= self._register_at:
+                    self._register_at = None
+                    self._register()
                 if now >= next_beat:
-                    self._send({"v": schema.VERSION, "op": "heartbeat", "state": self.executor.state})
+                    self._send({"v": schema.VERSION, "op": "heartbeat", "state": self.executor.state,
+                                "detail": self.executor.state_detail})
                     next_beat = now + self.heartbeat_s
                 if self.executor.state_changed.is_set():
                     self.executor.state_changed.clear()
@@ -140,9 +148,16 @@ class Worker:
         if op == "reconnect":
             self._register()
         elif op == "reject":
-            log.error("worker.rejected", resource=self.resource.canonical, reason=header.get("msg"))
-            self.exit_code = 3
-            self._stop.set()
+            # Usually the worker we replace has not been declared dead yet: try again after the broker's
+            # liveness period, and give up (exit code 3) only if another worker really owns the instrument.
+            self._rejections += 1
+            log.warning("worker.rejected", resource=self.resource.canonical, reason=header.get("msg"),
+                        attempt=self._rejections)
+            if self._rejections >= MAX_REJECTIONS:
+                self.exit_code = 3
+                self._stop.set()
+            else:
+                self._register_at = time.monotonic() + self.heartbeat_s * (self.liveness + 1)
         elif op == "disconnect":
             log.info("worker.broker_disconnect", resource=self.resource.canonical)
             self._stop.set()

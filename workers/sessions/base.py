@@ -15,7 +15,7 @@ import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from visabus.sdk.errors import NotSupported
+from visabus.sdk.errors import NotSupported, StatusCode
 from visabus.sdk.resources import Resource
 
 SrqHandler = Callable[[int], None]  # called with the status byte when the instrument requests service
@@ -112,7 +112,7 @@ class Session(abc.ABC):
         elif name.startswith(f"{self.resource.protocol.value}_") or name in self.attributes.extra:
             self.attributes.extra[name] = value
         else:
-            raise NotSupported(f"{self.resource}: unknown attribute {name!r}")
+            raise NotSupported(f"{self.resource}: unknown attribute {name!r}", StatusCode.VI_ERROR_NSUP_ATTR)
 
     @property
     def connected(self) -> bool:
