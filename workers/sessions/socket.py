@@ -33,6 +33,9 @@ class SocketSession(Session):
         self._sock: socket.socket | None = None
         self._pending = bytearray()         # received past the last terminator
         self._op_sock: socket.socket | None = None  # the connection the current operation started on
+        # Connections a clear shut down. Only the executor thread closes them: closing a socket another
+        # thread is about to poll makes CPython poll fd -1, which sleeps out the whole timeout.
+        self._retired: list[socket.socket] = []
         self._lock = threading.Lock()       # guards _sock replacement against a concurrent clear()
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -54,6 +57,9 @@ class SocketSession(Session):
     def close(self) -> None:
         with self._lock:
             sock, self._sock = self._sock, None
+            retired, self._retired = self._retired, []
+        for old in retired:
+            old.close()
         if sock is not None:
             try:
                 sock.close()
@@ -65,6 +71,10 @@ class SocketSession(Session):
         return self._sock is not None
 
     def begin(self) -> None:
+        with self._lock:
+            retired, self._retired = self._retired, []
+        for old in retired:
+            old.close()
         self._op_sock = self._sock
 
     def _require(self) -> socket.socket:
@@ -139,7 +149,7 @@ class SocketSession(Session):
             replaced = self._sock is not sock
             if not replaced:
                 self._sock = None
-        if replaced:  # clear() swapped the connection under us
+        if replaced:  # clear() swapped the connection under us (it is closed at the next begin())
             return Aborted(f"{self.resource}: operation aborted by a device clear")
         sock.close()
         why = "the instrument closed the connection" if exc is None else (exc.strerror or str(exc))
@@ -150,12 +160,13 @@ class SocketSession(Session):
         """Raw sockets have no device clear: reconnect, which discards late answers and unblocks reads."""
         with self._lock:
             sock, self._sock = self._sock, None
+            if sock is not None:
+                self._retired.append(sock)
         if sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; the fd stays valid until begin()
             except OSError:
                 pass
-            sock.close()
         self.open(self.attributes.timeout or 5.0)
 
     def abort(self) -> None:
