@@ -49,6 +49,7 @@ class DiscoveryConfig:
     portmapper_port: int = 111
     auto_attach: list[dict[str, str]] = field(default_factory=list)
     attach_on_demand: bool = False
+    detach_grace_s: float = 30.0   # an auto-attached worker outlives its instrument's disappearance this long
 
 
 @dataclass
@@ -141,7 +142,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServeConfig:
 
     d = _expect(data.get("discovery", {}), dict, f"{source}: [discovery]")
     _check_keys(d, {"enabled", "interfaces", "interval_s", "misses", "mdns", "broadcast", "portmapper_port",
-                    "auto_attach", "attach_on_demand"}, f"{source}: [discovery]")
+                    "auto_attach", "attach_on_demand", "detach_grace_s"}, f"{source}: [discovery]")
     discovery = DiscoveryConfig(
         enabled=_expect(d.get("enabled", False), bool, f"{source}: discovery.enabled"),
         interfaces=_expect(d.get("interfaces", ["127.0.0.1"]), list, f"{source}: discovery.interfaces"),
@@ -152,7 +153,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServeConfig:
         portmapper_port=_expect(d.get("portmapper_port", 111), int, f"{source}: discovery.portmapper_port"),
         auto_attach=_expect(d.get("auto_attach", []), list, f"{source}: discovery.auto_attach"),
         attach_on_demand=_expect(d.get("attach_on_demand", False), bool, f"{source}: discovery.attach_on_demand"),
+        detach_grace_s=float(_expect(d.get("detach_grace_s", 30.0), (int, float), f"{source}: discovery.detach_grace_s")),
     )
+    for i, rule in enumerate(discovery.auto_attach):
+        where = f"{source}: discovery.auto_attach[{i}]"
+        _expect(rule, dict, where)
+        _check_keys(rule, {"protocol", "manufacturer", "model", "serial"}, where)
+        for key, value in rule.items():
+            _expect(value, str, f"{where}.{key}")
     sup = _expect(data.get("supervisor", {}), dict, f"{source}: [supervisor]")
     _check_keys(sup, {"restart_max_backoff_s"}, f"{source}: [supervisor]")
     return ServeConfig(broker, instruments, simulators, discovery,

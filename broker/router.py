@@ -45,6 +45,8 @@ class BrokerConfig:
     lease_ms: int = 10_000          # a client silent this long loses its locks and queued requests
     queue_limit: int = 1024         # per instrument
     grace_ms: int = 1000            # extra time a worker gets past a request's deadline
+    attach_on_demand: bool = False  # open of an unserved resource asks the supervisor for a worker
+    attach_timeout_ms: int = 10_000
 
 
 class Broker:
@@ -264,10 +266,50 @@ class Broker:
         return f"{session.name}({sid})" if session and session.name else sid
 
     def _op_open(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
+        if self.config.attach_on_demand and self._attach_on_demand(rid, session, header):
+            return
         entry = self._resolve(rid, header)
         if entry is not None:
-            self._send_client(rid, schema.reply(header, 0, res=entry.res, alias=entry.alias, state=entry.state,
-                                                protocol=entry.protocol))
+            self._answer_open(rid, header, entry)
+
+    def _answer_open(self, rid: bytes, header: schema.Header, entry: ResourceEntry) -> None:
+        self._send_client(rid, schema.reply(header, 0, res=entry.res, alias=entry.alias, state=entry.state,
+                                            protocol=entry.protocol))
+
+    def _attach_on_demand(self, rid: bytes, session: ClientSession, header: schema.Header) -> bool:
+        """Open of a resource no worker serves: ask the supervisor for one and hold the open meanwhile."""
+        text = header.get("res", "")
+        if text in self.aliases:
+            return False
+        try:
+            res = canonical(text)
+        except InvalidResourceName:
+            return False  # _resolve answers with the precise error
+        entry = self.resources.get(res)
+        if entry is not None and not (entry.on_demand and entry.worker is None):
+            return False
+        if entry is None:
+            entry = self.resources[res] = ResourceEntry(res=res, queue=FairQueue(self.config.queue_limit),
+                                                         on_demand=True)
+        if entry.state != "attaching":
+            entry.state = "attaching"
+            self.publish("attach.request", {"res": res, "client": self._session_label(session.sid)})
+        wait_ms = min(header.get("timeout_ms") or self.config.attach_timeout_ms, self.config.attach_timeout_ms)
+        entry.open_waiters.append(LockWaiter(rid, session.sid, header, False, None,
+                                             time.monotonic() + max(wait_ms, 1000) / 1000.0))
+        return True
+
+    def _settle_open_waiters(self, entry: ResourceEntry, failure: str | None) -> None:
+        waiters, entry.open_waiters = entry.open_waiters, []
+        for waiter in waiters:
+            if failure is None:
+                self._answer_open(waiter.rid, waiter.header, entry)
+            else:
+                self._error(waiter.rid, waiter.header, StatusCode.VI_ERROR_RSRC_NFOUND, failure)
+        if failure is not None and entry.on_demand:
+            self.publish("attach.failed", {"res": entry.res, "reason": failure})
+            if entry.worker is None:
+                self.resources.pop(entry.res, None)
 
     def _op_close(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
         entry = self._resolve(rid, header)
@@ -511,6 +553,8 @@ class Broker:
             self.data_rids[data_rid] = rid
         entry.worker, entry.state, entry.protocol = rid, worker.state, worker.protocol
         log.info("broker.worker_up", resource=res, worker_pid=worker.pid, state=worker.state)
+        if entry.open_waiters and worker.state in ("ready", "lost"):
+            self._settle_open_waiters(entry, None if worker.state == "ready" else f"{res}: instrument not reachable")
         self.publish("worker.up", {"res": res, "alias": entry.alias, "pid": worker.pid, "state": worker.state})
         self._dispatch(entry)
 
@@ -532,6 +576,9 @@ class Broker:
         worker.state = state
         entry = self.resources[worker.res]
         entry.state = state
+        if entry.open_waiters and state in ("ready", "lost"):
+            self._settle_open_waiters(entry, None if state == "ready" else
+                                      f"{worker.res}: instrument not reachable ({detail or 'no answer'})")
         self.publish("worker.state", {"res": worker.res, "state": state, "detail": detail})
 
     def _on_reply(self, worker: WorkerEntry, header: schema.Header, data: list[Any], now: float) -> None:
@@ -608,6 +655,8 @@ class Broker:
                            "unknown: it may or may not have reached the instrument", outcome="unknown")
         if entry is not None and entry.worker == worker.rid:
             entry.worker, entry.state = None, "down"
+            if entry.on_demand:  # a worker attached on demand leaves no trace once it is gone
+                self.resources.pop(entry.res, None)
             for req in entry.queue.drain():
                 self._fail(req, StatusCode.VI_ERROR_CONN_LOST,
                            f"{worker.res}: the worker died ({why}); this request was not executed",
@@ -616,7 +665,7 @@ class Broker:
 
     # ============================================================================ timers
     def _purge(self, now: float) -> None:
-        for entry in self.resources.values():
+        for entry in list(self.resources.values()):
             expired = entry.queue.remove_all(lambda r: r.deadline is not None and now >= r.deadline)
             for req in expired:
                 if not entry.locks.admits(req.sid):
@@ -639,6 +688,9 @@ class Broker:
             if entry.reserved_by is not None and now >= entry.reserved_until:
                 entry.reserved_by = None
                 self._dispatch(entry)
+            if entry.open_waiters and any(w.deadline is not None and now >= w.deadline for w in entry.open_waiters):
+                self._settle_open_waiters(entry, f"{entry.res}: no worker could be attached in time "
+                                                 "(is attach_on_demand on and the instrument reachable?)")
         grace = self.config.grace_ms / 1000.0
         for req in list(self.inflight_by_bid.values()):
             if not req.answered and req.deadline is not None and now >= req.deadline + grace:

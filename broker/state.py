@@ -79,6 +79,8 @@ class ResourceEntry:
     protocol: str | None = None
     locks: LockState = field(default_factory=LockState)
     lock_waiters: list[LockWaiter] = field(default_factory=list)
+    open_waiters: list[LockWaiter] = field(default_factory=list)  # opens waiting for an on-demand worker
+    on_demand: bool = False            # created by attach-on-demand: forgotten again if no worker comes
     reserved_by: str | None = None     # a client that wrote a query and has not read its answer yet
     reserved_until: float = 0.0
     stats: ResourceStats = field(default_factory=ResourceStats)

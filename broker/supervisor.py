@@ -28,6 +28,7 @@ from visabus.sdk.errors import VisaBusError
 from visabus.sdk.resources import canonical, parse_resource
 from visabus.sdk.transport import make_socket
 
+from .attach import Action, AttachPolicy
 from .config import ServeConfig
 
 log = structlog.get_logger(__name__)
@@ -108,6 +109,10 @@ class Supervisor:
         self.resources: dict[str, str] = {}   # alias-or-resource -> resource
         self._stop = threading.Event()
         self._events: zmq.Socket | None = None
+        self._sub: zmq.Socket | None = None
+        d = config.discovery
+        self.policy = AttachPolicy(d.auto_attach, d.attach_on_demand, d.detach_grace_s)
+        self.dynamic: dict[str, Child] = {}  # workers started by auto-attach or attach-on-demand
 
     # ------------------------------------------------------------------------------ start
     def start(self) -> None:
@@ -115,7 +120,8 @@ class Supervisor:
         broker = Child("broker", _visabus_cmd(
             "broker", "--frontend", b.frontend, "--backend", b.backend, "--events", b.events,
             "--heartbeat-ms", str(b.heartbeat_ms), "--liveness", str(b.liveness), "--lease-ms", str(b.lease_ms),
-            "--queue-limit", str(b.queue_limit), "--json"), "broker", reads_json=True)
+            "--queue-limit", str(b.queue_limit), "--json",
+            *(["--attach-on-demand"] if self.config.discovery.attach_on_demand else [])), "broker", reads_json=True)
         broker.start()
         self.endpoints = broker.info
         # Pin ephemeral ports so a restarted broker comes back where clients and workers look for it.
@@ -124,6 +130,10 @@ class Supervisor:
         broker.argv[broker.argv.index("--events") + 1] = self.endpoints["events"]
         self.children.append(broker)
         self._events = make_socket(zmq.Context.instance(), zmq.DEALER, connect=self.endpoints["backend"])
+        if self.policy.rules or self.policy.on_demand:
+            self._sub = make_socket(zmq.Context.instance(), zmq.SUB, connect=self.endpoints["events"])
+            for prefix in (b"attach.", b"instrument."):
+                self._sub.setsockopt(zmq.SUBSCRIBE, prefix)
 
         for i, sim in enumerate(self.config.simulators):
             args = ["sim", "--json", "--host", sim.host, "--identity", sim.identity]
@@ -183,7 +193,7 @@ class Supervisor:
             sock.send(schema.pack(schema.request("bye", 0, sid="supervisor")))
             sock.close(linger=100)
 
-    def _add_worker(self, resource: str, alias: str | None, attributes: dict[str, Any]) -> None:
+    def _add_worker(self, resource: str, alias: str | None, attributes: dict[str, Any]) -> Child:
         b = self.config.broker
         args = ["worker", resource, "--backend", self.endpoints["backend"], "--heartbeat-ms", str(b.heartbeat_ms),
                 "--liveness", str(b.liveness)]
@@ -195,6 +205,7 @@ class Supervisor:
         child.start()
         self.children.append(child)
         self.resources[alias or resource] = resource
+        return child
 
     def _announce(self) -> None:
         summary = {**self.endpoints, "resources": self.resources,
@@ -214,11 +225,48 @@ class Supervisor:
             signal.signal(sig, lambda *_: self._stop.set())
         try:
             self.start()
-            while not self._stop.wait(0.2):
+            while not self._stop.is_set():
+                self._wait_for_events(0.2)
                 self._check_children()
+                self._apply(self.policy.due(time.monotonic()))
         finally:
             self.shutdown()
         return 0
+
+    def _wait_for_events(self, timeout: float) -> None:
+        if self._sub is None:
+            self._stop.wait(timeout)
+            return
+        if not self._sub.poll(int(timeout * 1000)):
+            return
+        while self._sub.poll(0):
+            _, body = self._sub.recv_multipart()[:2]
+            try:
+                event = schema.unpack(body)
+            except schema.MalformedMessage:
+                continue
+            served = {canonical(r) for r in self.resources.values()}
+            self._apply(self.policy.on_event(str(event.get("topic")), event, time.monotonic(), served))
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if action.kind == "start" and action.res not in self.dynamic:
+                log.info("supervisor.attach", resource=action.res, reason=action.reason)
+                self.dynamic[action.res] = self._add_worker(action.res, None, {})
+                self._publish("supervisor.attached", {"res": action.res, "reason": action.reason})
+            elif action.kind == "stop" and action.res in self.dynamic:
+                child = self.dynamic.pop(action.res)
+                log.info("supervisor.detach", resource=action.res, reason=action.reason)
+                self.children.remove(child)
+                self.resources = {k: v for k, v in self.resources.items() if v != action.res}
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.terminate()
+                    try:
+                        child.proc.wait(STOP_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        child.proc.kill()
+                        child.proc.wait()
+                self._publish("supervisor.detached", {"res": action.res, "reason": action.reason})
 
     def _check_children(self) -> None:
         now = time.monotonic()
@@ -285,8 +333,9 @@ class Supervisor:
                 leftover.kill()
             except psutil.Error:
                 pass
-        if self._events is not None:
-            self._events.close(linger=0)
+        for sock in (self._events, self._sub):
+            if sock is not None:
+                sock.close(linger=0)
         log.info("supervisor.stopped")
 
 

@@ -185,7 +185,8 @@ class Executor(threading.Thread):
         except VisaBusError as exc:
             self._next_attempt = time.monotonic() + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)
-            self._set_state("lost" if self.state != "connecting" else "connecting", exc.message)
+            # "lost" also after a failed first attempt: the broker must tell unreachable from still trying.
+            self._set_state("lost", exc.message)
             return False
         self._backoff = BACKOFF_FIRST_S
         try:
