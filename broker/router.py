@@ -33,6 +33,8 @@ from .state import ClientSession, LockWaiter, Request, ResourceEntry, WorkerEntr
 log = structlog.get_logger(__name__)
 
 RETIRED_SESSIONS_KEPT = 1024  # ended client sessions whose request ids are still remembered
+CANONICAL_CACHE_SIZE = 4096
+PURGE_INTERVAL_S = 0.02       # deadlines, leases and liveness are checked this often, not per message
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Broker:
         self.rid_sid: dict[bytes, str] = {}
         self.discovered: dict[str, dict[str, Any]] = {}
         self.retired: collections.OrderedDict[str, ClientSession] = collections.OrderedDict()
+        self._canonical_cache: dict[str, str] = {}  # resource spelling -> canonical (parsing is not free)
+        self._next_purge = 0.0
         self.inflight_by_bid: dict[int, Request] = {}
         self._bids = itertools.count(1)
         self._topic_seq: dict[str, int] = {}
@@ -98,7 +102,9 @@ class Broker:
             if self.frontend in ready:
                 self._drain(self.frontend, self._on_client_message)
             now = time.monotonic()
-            self._purge(now)
+            if now >= self._next_purge:
+                self._next_purge = now + PURGE_INTERVAL_S
+                self._purge(now)
             if now >= self._next_heartbeat:
                 self._heartbeat(now)
         self.close()
@@ -189,13 +195,16 @@ class Broker:
     def _resolve(self, rid: bytes, header: schema.Header) -> ResourceEntry | None:
         """The resource a request names (alias or any spelling), or None after answering the error."""
         text = header.get("res", "")
-        res = self.aliases.get(text)
+        res = self.aliases.get(text) or self._canonical_cache.get(text)
         if res is None:
             try:
                 res = canonical(text)
             except InvalidResourceName as exc:
                 self._error(rid, header, exc.code, exc.message)
                 return None
+            if len(self._canonical_cache) >= CANONICAL_CACHE_SIZE:
+                self._canonical_cache.clear()
+            self._canonical_cache[text] = res
         entry = self.resources.get(res)
         if entry is None:
             known = ", ".join(sorted(self.resources)[:8]) or "none"
