@@ -24,7 +24,14 @@ import zmq
 from visabus.sdk import schema
 from visabus.sdk.errors import InvalidResourceName, StatusCode, VisaBusError
 from visabus.sdk.resources import canonical, match_pattern
-from visabus.sdk.transport import DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, EVENT_HWM, bound_endpoint, make_socket
+from visabus.sdk.transport import (
+    DEFAULT_BACKEND,
+    DEFAULT_EVENTS,
+    DEFAULT_FRONTEND,
+    EVENT_HWM,
+    bound_endpoint,
+    make_socket,
+)
 
 from .fairqueue import FairQueue
 from .locks import validate_lock_request
@@ -542,7 +549,7 @@ class Broker:
             return
         if current is not None and current.rid != rid:
             self._send_worker(rid, {"v": schema.VERSION, "op": "reject",
-                                    "msg": f"{res} is already served by worker pid {self.workers[entry.worker].pid}"})
+                                    "msg": f"{res} is already served by worker pid {current.pid}"})
             return
         if entry is None:
             entry = self.resources[res] = ResourceEntry(res=res, queue=FairQueue(self.config.queue_limit))
@@ -705,9 +712,9 @@ class Broker:
             if not req.answered and req.deadline is not None and now >= req.deadline + grace:
                 self._fail(req, StatusCode.VI_ERROR_TMO,
                            f"{req.res}: the worker did not answer within the timeout; the operation was aborted")
-                worker = self.resources[req.res].worker
-                if worker is not None:
-                    self._send_worker(worker, {"v": schema.VERSION, "op": "cancel", "id": req.bid})
+                owner = self.resources[req.res].worker
+                if owner is not None:
+                    self._send_worker(owner, {"v": schema.VERSION, "op": "cancel", "id": req.bid})
         dead_after = self.config.heartbeat_ms * self.config.liveness / 1000.0
         for worker in list(self.workers.values()):
             if now - worker.last_seen > dead_after:

@@ -16,7 +16,7 @@ import itertools
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
@@ -101,7 +101,8 @@ class Client:
         """Send one request and return (final reply header, all data frames). Raises VisaBusError on error."""
         frames: list[Any] = []
         final: dict[str, Any] = {}
-        for final, part in self.exchange(op, res, data, timeout_ms, _margin=_margin, **fields):
+        for header, part in self.exchange(op, res, data, timeout_ms, _margin=_margin, **fields):
+            final = header
             frames += part
         return final, frames
 
@@ -180,9 +181,9 @@ class Client:
     def open(self, resource: str, *, timeout: int | None | str = "default", read_termination: str | None = "\n",
              write_termination: str | None = "\n", **attributes: Any) -> Instrument:
         """Open an instrument by resource string or alias (PyVISA's open_resource)."""
-        t = self.timeout if timeout == "default" else timeout
+        t = self.timeout if isinstance(timeout, str) else timeout  # "default": this client's timeout
         header, _ = self.request("open", resource, timeout_ms=t)
-        inst = Instrument(self, header["res"], alias=header.get("alias"), timeout=t,  # type: ignore[arg-type]
+        inst = Instrument(self, header["res"], alias=header.get("alias"), timeout=t,
                           read_termination=read_termination, write_termination=write_termination)
         for key, value in attributes.items():
             setattr(inst, key, value)

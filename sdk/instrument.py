@@ -202,7 +202,7 @@ class Instrument:
         Waits up to `timeout` ms for other holders. Returns the access key; usable as `with inst.lock():`.
         """
         excl = requested_key is None if exclusive is None else exclusive
-        wait = self.timeout if timeout == "default" else timeout
+        wait = self.timeout if isinstance(timeout, str) else timeout  # "default": the instrument's timeout
         header, _ = self.client.request("lock", self.resource_name, (), wait, exclusive=excl,
                                         key=None if excl else requested_key, lock_timeout_ms=wait)
         grant = LockGrant(header.get("key") or "")

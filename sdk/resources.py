@@ -25,7 +25,7 @@ HISLIP_DEFAULT_PORT = 4880
 VICP_DEFAULT_PORT = 1861
 
 
-class Protocol(str, enum.Enum):
+class Protocol(enum.StrEnum):
     VXI11 = "vxi11"
     HISLIP = "hislip"
     SOCKET = "socket"

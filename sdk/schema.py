@@ -170,7 +170,7 @@ def decode(frames: Sequence[bytes | memoryview], table: dict[str, dict[str, Any]
     if table is None and (type(rid) is not int or not 0 <= rid < 2**63):
         # The id keys replies and the at-most-once bookkeeping: it must be a plain, hashable integer.
         raise MalformedMessage("field 'id' must be an integer from 0 to 2**63-1", header={"op": op})
-    _check_fields(header, spec, op)
+    _check_fields(header, spec, str(op))
     wanted = spec.get("data", 0)
     if wanted is not None and len(data) != wanted:
         raise MalformedMessage(f"op {op!r} carries {wanted} data frame(s), got {len(data)}", header=header)

@@ -45,7 +45,7 @@ def parse_identity(identity: str) -> dict[str, str]:
     """'MFR,MODEL,SERIAL,FW' → LXI TXT keys; blank or missing fields are left out."""
     keys = ("Manufacturer", "Model", "SerialNumber", "FirmwareVersion")
     parts = [p.strip() for p in identity.split(",")]
-    return {key: value for key, value in zip(keys, parts) if value}
+    return {key: value for key, value in zip(keys, parts, strict=False) if value}  # fewer fields than keys is fine
 
 
 def _label(text: str) -> str:

@@ -24,12 +24,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from zeroconf import IPVersion, ServiceInfo, Zeroconf
+
 from visabus.sim.advertise import Advertiser
 from visabus.workers.discovery import DiscoveryConfig, DiscoveryService, resolve_interfaces
 from visabus.workers.discovery.interfaces import Interface
 from visabus.workers.discovery.vxi11_scan import BroadcastScanner
 from visabus.workers.protocols.portmapper import IPPROTO_TCP, PortmapperServer
-from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import pyvicp
+
 from visabus.sdk.errors import Aborted, ConnectionLost, IOFailure, ResourceNotFound, VisaBusError, VisaTimeout
 from visabus.sdk.resources import parse_resource
 from visabus.workers.protocols.vicp import HEADER_SIZE, Header, Op, encode_header

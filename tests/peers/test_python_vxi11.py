@@ -28,7 +28,7 @@ import pytest
 
 vxi11 = pytest.importorskip("vxi11")
 
-from visabus.sim.scpi import DEFAULT_IDENTITY, waveform_bytes
+from visabus.sim.scpi import DEFAULT_IDENTITY, waveform_bytes  # noqa: E402 - after importorskip
 
 _SIM = """
 import json, logging, sys

@@ -26,7 +26,7 @@ import pytest
 pyvisa = pytest.importorskip("pyvisa")
 pytest.importorskip("pyvisa_py")
 
-from pyvisa import constants
+from pyvisa import constants  # noqa: E402 - after importorskip
 
 IDENTITY = "VISABUS,HISLIP-PEER,0007,1.0"
 SERVER_MAX_MESSAGE = 64 * 1024

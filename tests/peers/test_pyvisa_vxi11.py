@@ -17,6 +17,7 @@ import pyvisa
 from pyvisa import constants
 from pyvisa.errors import VisaIOError
 from pyvisa.resources import MessageBasedResource
+
 from visabus.sim.scpi import DEFAULT_IDENTITY, waveform_bytes
 
 pytest.importorskip("pyvisa_py")

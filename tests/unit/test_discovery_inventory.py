@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
+from zeroconf import DNSOutgoing, DNSRecord, DNSService, DNSText
+
 from visabus.workers.discovery.inventory import (
     APPEARED,
     CHANGED,
@@ -20,7 +22,6 @@ from visabus.workers.discovery.inventory import (
 )
 from visabus.workers.discovery.mdns import record_to_resource
 from visabus.workers.discovery.mdns_probe import answered_names
-from zeroconf import DNSOutgoing, DNSRecord, DNSService, DNSText
 
 VXI = "TCPIP0::10.0.0.5::inst0::INSTR"
 HISLIP = "TCPIP0::10.0.0.5::hislip0::INSTR"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from visabus.broker.fairqueue import FairQueue
 
 Item = tuple[str, int]  # (owner, sequence number)

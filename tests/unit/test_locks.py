@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from visabus.broker.locks import LockState, validate_lock_request
 from visabus.sdk.errors import InvalidParameter, SessionNotLocked, StatusCode
 

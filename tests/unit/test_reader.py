@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 
 import pytest
+
 from visabus.sdk.errors import InvalidFormat, StatusCode, VisaTimeout
 from visabus.sdk.resources import parse_resource
 from visabus.sim.scpi import ieee_block, waveform_bytes

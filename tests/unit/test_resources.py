@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from visabus.sdk.errors import InvalidResourceName, StatusCode
 from visabus.sdk.resources import (
     HISLIP_DEFAULT_PORT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from visabus.workers.protocols import rpc
 from visabus.workers.protocols.errors import LocalProtocolError, RemoteProtocolError
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import msgpack
 import pytest
+
 from visabus.sdk import schema
 from visabus.sdk.errors import StatusCode
 

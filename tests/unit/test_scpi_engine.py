@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+
 from visabus.sim import scpi
 from visabus.sim.scpi import STB_EAV, STB_ESB, STB_MAV, STB_RQS, Instrument, ScpiSession
 

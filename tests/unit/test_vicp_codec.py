@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
+
 from visabus.workers.protocols.errors import LocalProtocolError, RemoteProtocolError
 from visabus.workers.protocols.vicp import (
     HEADER_SIZE,

@@ -6,6 +6,7 @@ import struct
 
 import pytest
 from structlog.testing import capture_logs
+
 from visabus.workers.discovery.vxi11_scan import ScanRound, scan_resource
 
 SOURCE = ("10.0.0.5", 111)

@@ -85,7 +85,7 @@ def clean_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
 def metadata_from_idn(idn: str) -> dict[str, str]:
     """'MFR,MODEL,SERIAL,FW' → metadata; missing or blank fields are left out."""
     parts = [p.strip() for p in idn.strip().split(",")]
-    return clean_metadata(dict(zip(METADATA_FIELDS, parts)))
+    return clean_metadata(dict(zip(METADATA_FIELDS, parts, strict=False)))
 
 
 def identity_key(metadata: Mapping[str, str]) -> str | None:

@@ -52,7 +52,7 @@ class Session(abc.ABC):
     def close(self) -> None:
         """Release the connection; never raises."""
 
-    def begin(self) -> None:
+    def begin(self) -> None:  # noqa: B027 - an optional hook, deliberately empty by default
         """Called by the worker at the start of each operation (a driver may bind it to its connection)."""
 
     # --- message-based I/O --------------------------------------------------------------------
