@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+
 from visabus.workers.protocols.errors import RemoteProtocolError
 from visabus.workers.protocols.vicp import (
     DEFAULT_PORT,

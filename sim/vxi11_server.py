@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any, Self
 
 import structlog
+
 from visabus.workers.protocols import rpc, vxi11
 from visabus.workers.protocols.errors import RemoteProtocolError
 from visabus.workers.protocols.portmapper import IPPROTO_TCP, PortmapperServer

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from visabus.sdk.errors import InvalidResourceName
-from visabus.sdk.resources import Protocol, Resource
 from zeroconf import (
     DNSOutgoing,
     DNSQuestion,
@@ -31,6 +29,9 @@ from zeroconf import (
     Zeroconf,
 )
 from zeroconf import Error as ZeroconfError
+
+from visabus.sdk.errors import InvalidResourceName
+from visabus.sdk.resources import Protocol, Resource
 
 log = structlog.get_logger(__name__)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import structlog
+
 from visabus.sdk.resources import Protocol, Resource
 from visabus.workers.protocols import portmapper
 from visabus.workers.protocols.errors import RemoteProtocolError

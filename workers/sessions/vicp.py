@@ -28,6 +28,7 @@ from collections.abc import Iterator
 
 import pyvicp
 import structlog
+
 from visabus.sdk.errors import (
     Aborted,
     ConnectionLost,

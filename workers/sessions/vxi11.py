@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from typing import cast
 
 import structlog
+
 from visabus.sdk.errors import (
     Aborted,
     ConnectionLost,
