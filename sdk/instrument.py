@@ -181,6 +181,8 @@ class Instrument:
     def assert_trigger(self) -> None:
         self._call("trigger")
 
+    trigger = assert_trigger  # the protocol-level name, for readers of VXI-11/HiSLIP docs
+
     def remote(self) -> None:
         self._call("remote")
 

@@ -13,7 +13,8 @@ Servers drive a session with:
 SRQs are reported through the `on_srq(stb)` callback given to the session, from a timer thread.
 
 Commands: *IDN? *RST *CLS *OPC? *OPC *ESR? *STB? *SRE *SRE? *ESE *ESE? *TRG *WAI *TST? SYST:ERR?
-ECHO? <text>, VOLT <v>, VOLT?, WAV:POIN <n>, WAV:POIN?, WAV:DATA? (alias CURV?), SLOW? <ms>, SRQ <ms>.
+ECHO? <text>, VOLT <v>, VOLT?, WAV:POIN <n>, WAV:POIN?, WAV:DATA? (alias CURV?), SLOW? <ms>, SRQ <ms>,
+TRG:COUN? (triggers received, by *TRG or by the protocol's trigger message).
 """
 
 from __future__ import annotations
@@ -231,6 +232,7 @@ _ALIASES = {
     "SYST:ERR:NEXT?": "SYST:ERR?", "VOLTAGE": "VOLT", "VOLTAGE?": "VOLT?",
     "WAVEFORM:POINTS": "WAV:POIN", "WAVEFORM:POINTS?": "WAV:POIN?", "WAV:POINTS": "WAV:POIN",
     "WAV:POINTS?": "WAV:POIN?", "WAVEFORM:DATA?": "WAV:DATA?", "CURVE?": "CURV?",
+    "TRIG:COUN?": "TRG:COUN?", "TRIGGER:COUNT?": "TRG:COUN?",
 }
 
 
@@ -306,6 +308,10 @@ def _cmd_trg(s: ScpiSession, arg: str) -> None:
     return None
 
 
+def _cmd_trg_count_q(s: ScpiSession, arg: str) -> tuple[bytes, float]:
+    return _reply(str(s.instrument.triggers))  # *TRG and protocol-level triggers seen so far
+
+
 def _cmd_nop(s: ScpiSession, arg: str) -> None:
     return None
 
@@ -367,5 +373,5 @@ _COMMANDS: dict[str, Callable[[ScpiSession, str], tuple[bytes, float] | None]] =
     "*ESE?": _cmd_ese_q, "*TRG": _cmd_trg, "*WAI": _cmd_nop, "*TST?": _cmd_tst_q, "SYST:ERR?": _cmd_err_q,
     "ECHO?": _cmd_echo_q, "VOLT": _cmd_volt, "VOLT?": _cmd_volt_q, "WAV:POIN": _cmd_wav_poin,
     "WAV:POIN?": _cmd_wav_poin_q, "WAV:DATA?": _cmd_wav_data_q, "CURV?": _cmd_wav_data_q,
-    "SLOW?": _cmd_slow_q, "SRQ": _cmd_srq,
+    "SLOW?": _cmd_slow_q, "SRQ": _cmd_srq, "TRG:COUN?": _cmd_trg_count_q,
 }

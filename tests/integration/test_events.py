@@ -59,3 +59,13 @@ def test_events_iterator_filters_by_prefix(rack: Proc) -> None:
             topics = [stream.get(5.0), stream.get(5.0)]
         assert [e["action"] for e in topics if e] == ["acquired", "released"]
         assert all(e and e["topic"] == f"lock.{inst.resource_name}" for e in topics)
+
+
+@pytest.mark.parametrize("alias", ["srq-vxi11", "srq-hislip"])
+def test_assert_trigger_reaches_the_instrument(rack: Proc, alias: str) -> None:
+    with Client(rack.info["frontend"]) as bus:
+        inst = bus.open(alias)
+        before = int(inst.query("TRG:COUN?"))
+        inst.assert_trigger()
+        inst.trigger()
+        assert int(inst.query("TRG:COUN?")) == before + 2
