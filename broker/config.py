@@ -36,6 +36,7 @@ class SimulatorConfig:
     attach: bool = True      # start a worker for each resource the simulator serves
     name: str | None = None  # alias prefix: NAME-socket, NAME-vxi11, ...
     advertise: str | None = None
+    hislip_overlap: bool = False  # the HiSLIP server prefers overlapped mode (PyVISA-py cannot cope)
 
 
 @dataclass
@@ -121,7 +122,8 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServeConfig:
     for i, item in enumerate(_expect(data.get("simulator", []), list, f"{source}: [[simulator]]")):
         where = f"{source}: simulator[{i}]"
         _expect(item, dict, where)
-        _check_keys(item, {"protocols", "identity", "host", "ports", "attach", "name", "advertise"}, where)
+        _check_keys(item, {"protocols", "identity", "host", "ports", "attach", "name", "advertise", "hislip_overlap"},
+                    where)
         protocols = _expect(item.get("protocols", ["socket"]), list, f"{where}.protocols")
         for p in protocols:
             if p not in PROTOCOLS:
@@ -138,6 +140,7 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServeConfig:
             attach=_expect(item.get("attach", True), bool, f"{where}.attach"),
             name=item.get("name"),
             advertise=item.get("advertise"),
+            hislip_overlap=_expect(item.get("hislip_overlap", False), bool, f"{where}.hislip_overlap"),
         ))
 
     d = _expect(data.get("discovery", {}), dict, f"{source}: [discovery]")

@@ -141,6 +141,8 @@ class Supervisor:
                 args += [f"--{proto}", str(sim.ports.get(proto, 0))]
             if sim.advertise:
                 args += ["--advertise", sim.advertise]
+            if sim.hislip_overlap:
+                args.append("--hislip-overlap")
             child = Child(sim.name or f"sim{i}", _visabus_cmd(*args), "simulator", reads_json=True)
             child.start()
             self.children.append(child)
