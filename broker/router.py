@@ -352,7 +352,8 @@ class Broker:
         if granted is not None:
             depth = entry.locks.exclusive_depth if exclusive else entry.locks.shared.get(session.sid, 1)
             nested = StatusCode.VI_SUCCESS_NESTED_EXCLUSIVE if exclusive else StatusCode.VI_SUCCESS_NESTED_SHARED
-            self._send_client(rid, schema.reply(header, int(nested) if depth > 1 else 0, key=granted or None))
+            self._grant(entry, LockWaiter(rid, session.sid, header, exclusive, key, None), granted,
+                        int(nested) if depth > 1 else 0)
             self._lock_changed(entry, session.sid, "acquired")
             return
         wait_ms = header.get("lock_timeout_ms", header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS))
@@ -383,13 +384,69 @@ class Broker:
             if granted is None:
                 still_waiting.append(waiter)
             else:
-                self._send_client(waiter.rid, schema.reply(waiter.header, 0, key=granted or None))
+                self._grant(entry, waiter, granted, 0)
                 self.publish(f"lock.{entry.res}", {"res": entry.res, "action": "acquired",
                                                    "client": self._session_label(waiter.sid),
                                                    "holders": [self._session_label(s) for s in entry.locks.holders()],
                                                    "exclusive": entry.locks.exclusive is not None})
         entry.lock_waiters = still_waiting
+        if not entry.locks.locked and entry.fence_state == "on":
+            self._fence(entry, False, schema.DEFAULT_TIMEOUT_MS)
         self._dispatch(entry)
+
+    # ------------------------------------------------------------------------------ fencing
+    def _grant(self, entry: ResourceEntry, waiter: LockWaiter, key: str, status: int) -> None:
+        """Answer a granted lock, after the worker has taken the instrument's own lock if it fences."""
+        worker = self.workers.get(entry.worker) if entry.worker else None
+        if worker is None or not worker.fence or entry.fence_state == "on":
+            self._send_client(waiter.rid, schema.reply(waiter.header, status, key=key or None))
+            return
+        entry.fence_grants.append((waiter, key, status))
+        if entry.fence_state == "off":
+            wait_ms = waiter.header.get("lock_timeout_ms", waiter.header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS))
+            self._fence(entry, True, wait_ms)
+
+    def _fence(self, entry: ResourceEntry, lock: bool, timeout_ms: int | None) -> None:
+        now = time.monotonic()
+        timeout_s = None if timeout_ms is None else timeout_ms / 1000.0
+        req = Request(bid=next(self._bids), rid=b"", sid="@broker", cid=None,
+                      header={"v": schema.VERSION, "op": "fence", "lock": lock, "timeout_ms": timeout_ms},
+                      frames=[], res=entry.res, received=now, deadline=None if timeout_s is None else now + timeout_s,
+                      timeout_s=timeout_s, internal=True)
+        entry.fence_state = "taking" if lock else "releasing"
+        entry.priority.append(req)
+        self._dispatch(entry)
+
+    def _fence_done(self, entry: ResourceEntry, req: Request, status: int, message: str) -> None:
+        worker = self.workers.get(entry.worker) if entry.worker else None
+        if req.header["lock"]:
+            if status >= 0 or status == StatusCode.VI_ERROR_NSUP_OPER:
+                if status < 0 and worker is not None:
+                    log.warning("broker.fence_unsupported", resource=entry.res, reason=message)
+                    worker.fence = False  # this protocol has no instrument lock: bus locks only
+                entry.fence_state = "on" if status >= 0 else "off"
+                grants, entry.fence_grants = entry.fence_grants, []
+                for waiter, key, granted_status in grants:
+                    self._send_client(waiter.rid, schema.reply(waiter.header, granted_status, key=key or None))
+                if status >= 0 and not entry.locks.locked:
+                    self._fence(entry, False, schema.DEFAULT_TIMEOUT_MS)
+                return
+            # Someone outside the bus holds the instrument: the bus lock cannot be honoured.
+            entry.fence_state = "off"
+            grants, entry.fence_grants = entry.fence_grants, []
+            for waiter, _, _ in grants:
+                entry.locks.release_session(waiter.sid)
+                self._error(waiter.rid, waiter.header, StatusCode(status) if status in StatusCode._value2member_map_
+                            else StatusCode.VI_ERROR_RSRC_LOCKED,
+                            f"{entry.res}: the instrument's own lock could not be taken (a client outside the bus "
+                            f"may hold it): {message}")
+                self.publish(f"lock.{entry.res}", {"res": entry.res, "action": "released",
+                                                   "client": self._session_label(waiter.sid), "holders": [],
+                                                   "exclusive": False})
+            return
+        entry.fence_state = "off"
+        if entry.fence_grants:  # locked again while we were releasing
+            self._fence(entry, True, schema.DEFAULT_TIMEOUT_MS)
 
     def _op_cancel(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
         bid = session.pending.get(header["target"])
@@ -474,7 +531,7 @@ class Broker:
         def eligible(sid: str, req: Request) -> bool:
             return entry.locks.admits(sid) and entry.reserved_by in (None, sid)
 
-        req = entry.queue.pop_next(eligible)
+        req = entry.priority.pop(0) if entry.priority else entry.queue.pop_next(eligible)
         if req is None:
             return
         worker.inflight = req
@@ -490,6 +547,10 @@ class Broker:
             return
         req.answered = True
         entry = self.resources.get(req.res)
+        if req.internal:
+            if entry is not None:
+                self._fence_done(entry, req, int(code), message)
+            return
         if entry is not None:
             entry.stats.errors += 1
             entry.stats.timeouts += code == StatusCode.VI_ERROR_TMO
@@ -561,7 +622,7 @@ class Broker:
                 self.aliases[alias] = res
                 entry.alias = alias
         worker = WorkerEntry(rid=rid, res=res, state=header["state"], last_seen=now, pid=header.get("pid"),
-                             protocol=header.get("protocol"), wid=header["wid"])
+                             protocol=header.get("protocol"), wid=header["wid"], fence=bool(header.get("fence")))
         self.workers[rid] = worker
         data_rid = self.pending_attach.pop(worker.wid, None)
         if data_rid is not None:
@@ -606,6 +667,15 @@ class Broker:
         more = bool(header.get("more"))
         entry = self.resources[req.res]
         entry.stats.bytes_out += sum(len(f) for f in data)
+        if req.internal:
+            self.inflight_by_bid.pop(bid, None)
+            if worker.inflight is req:
+                worker.inflight = None
+            if not req.answered:
+                req.answered = True
+                self._fence_done(entry, req, header["status"], str(header.get("msg", "")))
+            self._dispatch(entry)
+            return
         if not req.answered:
             out = {**header, "op": req.op, "id": req.cid}
             if header["status"] < 0:
@@ -671,6 +741,10 @@ class Broker:
                            "unknown: it may or may not have reached the instrument", outcome="unknown")
         if entry is not None and entry.worker == worker.rid:
             entry.worker, entry.state = None, "down"
+            for req in entry.priority:
+                self._fail(req, StatusCode.VI_ERROR_CONN_LOST, f"{worker.res}: the worker died")
+            entry.priority.clear()
+            entry.fence_state = "off"  # the instrument releases a dead link's lock by itself
             if entry.on_demand:  # a worker attached on demand leaves no trace once it is gone
                 self.resources.pop(entry.res, None)
             for req in entry.queue.drain():

@@ -27,6 +27,7 @@ class Request:
     deadline: float | None   # None = wait forever
     timeout_s: float | None = None  # the effective per-operation timeout (default applied)
     answered: bool = False   # the broker already answered (timeout/worker death); drop late replies
+    internal: bool = False   # issued by the broker itself (fence): the reply is handled, not forwarded
     chunks: int = 0
 
     @property
@@ -53,6 +54,7 @@ class WorkerEntry:
     wid: str = ""
     data_rid: bytes | None = None  # data socket: requests and replies (attached by the worker's executor)
     dispatched: int = 0      # requests sent so far; a clear tells the worker it covers all up to this
+    fence: bool = False      # take the instrument's own lock while a bus lock is held
     pid: int | None = None
     protocol: str | None = None
     inflight: Request | None = None
@@ -80,6 +82,9 @@ class ResourceEntry:
     locks: LockState = field(default_factory=LockState)
     lock_waiters: list[LockWaiter] = field(default_factory=list)
     open_waiters: list[LockWaiter] = field(default_factory=list)  # opens waiting for an on-demand worker
+    priority: list[Request] = field(default_factory=list)  # broker jobs (fence) that go before the queue
+    fence_state: str = "off"           # the instrument's own lock: off / taking / on / releasing
+    fence_grants: list[tuple[LockWaiter, str | None, int]] = field(default_factory=list)  # held until fenced
     on_demand: bool = False            # created by attach-on-demand: forgotten again if no worker comes
     reserved_by: str | None = None     # a client that wrote a query and has not read its answer yet
     reserved_until: float = 0.0

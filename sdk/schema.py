@@ -79,7 +79,8 @@ TRANSACTION_STEP_OPS = frozenset({"write", "read", "query", "read_stb", "trigger
 
 # Worker -> broker messages (backend socket).
 WORKER_OPS: dict[str, dict[str, Any]] = {
-    "ready": {"required": {"res": _S, "state": _S, "wid": _S}, "optional": {"alias": _S, "protocol": _S, "pid": _I}},
+    "ready": {"required": {"res": _S, "state": _S, "wid": _S},
+              "optional": {"alias": _S, "protocol": _S, "pid": _I, "fence": _B}},
     "attach": {"required": {"wid": _S}, "optional": {}},
     "heartbeat": {"required": {"state": _S}, "optional": {"detail": _S}},
     "state": {"required": {"state": _S}, "optional": {"detail": _S}},
@@ -87,6 +88,10 @@ WORKER_OPS: dict[str, dict[str, Any]] = {
     "event": {"required": {"topic": _S}, "optional": {"data": dict}},
     "bye": {"required": {}, "optional": {}},
 }
+
+# Jobs a worker executes: the instrument operations plus `fence` (the broker asking the worker to take or
+# release the instrument's own lock while a bus lock is held; never accepted from a client).
+WORKER_JOB_OPS = frozenset(CLIENT_OPS) - BROKER_OPS | {"fence"}
 
 WORKER_STATES = ("connecting", "ready", "busy", "lost")
 

@@ -162,7 +162,7 @@ class Executor(threading.Thread):
                     continue
                 if header.get("op") == "reconnect":
                     self._attach()
-                elif isinstance(header.get("op"), str) and header["op"] in schema.CLIENT_OPS:
+                elif isinstance(header.get("op"), str) and header["op"] in schema.WORKER_JOB_OPS:
                     self._execute(Job(header, frames[1:], n=int(header.get("n") or 0)))
                 else:
                     log.warning("worker.unknown_op", op=header.get("op"))
@@ -291,6 +291,14 @@ class Executor(threading.Thread):
 
     def _op_local(self, job: Job, timeout: float | None) -> None:
         self.session.local()
+        self._send(schema.reply(job.header, 0, op="reply", more=False))
+
+    def _op_fence(self, job: Job, timeout: float | None) -> None:
+        """Take or release the instrument's own lock for the bus (fences out clients outside the bus)."""
+        if job.header.get("lock"):
+            self.session.lock(True, timeout)
+        else:
+            self.session.unlock()
         self._send(schema.reply(job.header, 0, op="reply", more=False))
 
     def _op_get_attr(self, job: Job, timeout: float | None) -> None:

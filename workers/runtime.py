@@ -110,7 +110,7 @@ class Worker:
     def _register(self) -> None:
         self._send({"v": schema.VERSION, "op": "ready", "res": self.resource.canonical, "state": self.executor.state,
                     "alias": self.alias, "protocol": self.resource.protocol.value, "pid": os.getpid(),
-                    "wid": self.wid})
+                    "wid": self.wid, "fence": bool(self.session.attributes.extra.get("fence_locks"))})
         self.executor.rehello.set()  # a (re)registration needs the data socket attached again too
 
     def _send(self, header: dict[str, Any], frames: list[Any] = ()) -> None:  # type: ignore[assignment]
