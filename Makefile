@@ -34,8 +34,11 @@ test: install system-deps
 test-fast: install
 	$(PY) -m pytest -q tests/unit
 
+# glibc keeps large freed blocks for reuse (for every process of the run, PyVISA-py's and the bus's alike):
+# otherwise each 64 MiB result is a fresh mmap whose first-touch page faults cost as much as the transfer.
 bench: install
-	$(PY) bench/run.py --output docs/BENCHMARKS.md
+	GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=1073741824 \
+	  $(PY) bench/run.py --output docs/BENCHMARKS.md
 
 lint: install
 	$(VENV)/bin/ruff check broker workers sdk sim tests bench scripts

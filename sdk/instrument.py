@@ -129,12 +129,19 @@ class Instrument:
         return (message + term).encode(self.encoding)
 
     # ------------------------------------------------------------------------------ binary data
-    def query_binary_block(self, message: str, *, progress: ProgressCallback | None = None) -> bytes:
-        """Query and return an IEEE 488.2 block's payload; the worker reads exactly the announced length."""
-        return b"".join(self.iter_read(message=self._encode(message), block=True, progress=progress))
+    def query_binary_block(self, message: str, *, progress: ProgressCallback | None = None,
+                           out: bytearray | None = None) -> bytes | memoryview:
+        """Query and return an IEEE 488.2 block's payload; the worker reads exactly the announced length.
 
-    def read_binary_block(self, *, progress: ProgressCallback | None = None) -> bytes:
-        return b"".join(self.iter_read(block=True, progress=progress))
+        With `out`, the payload is written into that buffer (grown if needed) and a memoryview of it is
+        returned: for repeated large reads this avoids allocating, and page-faulting in, a fresh buffer
+        each time (which costs as much as the transfer itself on some VMs).
+        """
+        return _collect(self.iter_read(message=self._encode(message), block=True, progress=progress), out)
+
+    def read_binary_block(self, *, progress: ProgressCallback | None = None,
+                          out: bytearray | None = None) -> bytes | memoryview:
+        return _collect(self.iter_read(block=True, progress=progress), out)
 
     def query_binary_values(self, message: str, datatype: str = "f", is_big_endian: bool = False,
                             container: Callable[[Iterable[Any]], Any] = list, header_fmt: str = "ieee",
@@ -287,7 +294,20 @@ class Instrument:
         self.close()
 
 
-def decode_values(payload: bytes, datatype: str, is_big_endian: bool, container: Callable[[Iterable[Any]], Any],
+def _collect(chunks: Iterator[memoryview], out: bytearray | None) -> bytes | memoryview:
+    if out is None:
+        return b"".join(chunks)
+    n = 0
+    for chunk in chunks:
+        end = n + len(chunk)
+        if end > len(out):
+            out.extend(bytes(end - len(out)))
+        out[n:end] = chunk
+        n = end
+    return memoryview(out)[:n]
+
+
+def decode_values(payload: bytes | memoryview, datatype: str, is_big_endian: bool, container: Callable[[Iterable[Any]], Any],
                   data_points: int | None) -> Any:
     """Binary payload -> values, with struct/array type codes as PyVISA uses them."""
     if datatype in ("B", "b", "c", "s") and container in (bytes, bytearray):

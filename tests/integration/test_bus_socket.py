@@ -294,3 +294,15 @@ def _run_into(store: dict[str, BaseException], inst) -> None:  # type: ignore[no
         inst.query("SLOW? 20000")
     except BaseException as exc:  # noqa: BLE001
         store["error"] = exc
+
+
+def test_block_into_a_reused_buffer(bus: Client) -> None:
+    scope = bus.open("scope-socket")
+    buffer = bytearray(16)  # too small: grown to fit, then reused
+    scope.write("WAV:POIN 5000")
+    first = scope.query_binary_block("CURV?", out=buffer)
+    assert bytes(first) == waveform_bytes(5000) and len(buffer) == 5000
+    scope.write("WAV:POIN 3000")
+    second = scope.query_binary_block("CURV?", out=buffer)
+    assert len(second) == 3000 and bytes(second) == waveform_bytes(3000) and len(buffer) == 5000
+    scope.write("WAV:POIN 1000")
