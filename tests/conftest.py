@@ -151,6 +151,23 @@ lease_ms = 2000
 """
 
 
+def rack_fixture(config_text: str) -> Any:
+    """A module-scoped `visabus serve` of `config_text`, shared by the module's tests: `rack = rack_fixture(X)`."""
+
+    @pytest.fixture(scope="module")
+    def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+        proc = Proc(["serve", str(write_config(tmp_path_factory.mktemp("rack"), config_text)), "--json"], timeout=60)
+        LONG_LIVED.add(proc.pid)
+        try:
+            yield proc
+        finally:
+            LONG_LIVED.discard(proc.pid)
+            proc.terminate()
+            proc.kill()
+
+    return rack
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[Any]:
     """serve(config_text) -> running `visabus serve` Proc; stopped (and checked for orphans) afterwards."""

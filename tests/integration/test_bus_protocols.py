@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import LONG_LIVED, TEST_BROKER, Proc, write_config
+from tests.conftest import TEST_BROKER, Proc, rack_fixture
 from visabus.sdk import Client
 from visabus.sdk.errors import Aborted
 from visabus.sim.scpi import waveform_bytes
@@ -40,16 +39,7 @@ ALIASES = {"v-vxi11": "ACME,VXI-SIM,0001,1.0", "hs-hislip": "ACME,HISLIP-SYNC,00
            "ho-hislip": "ACME,HISLIP-OVERLAP,0003,1.0", "lc-vicp": "LECROY,VICP-SIM,0004,1.0"}
 
 
-@pytest.fixture(scope="module")
-def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = Proc(["serve", str(write_config(tmp_path_factory.mktemp("protocols"), RACK)), "--json"], timeout=60)
-    LONG_LIVED.add(proc.pid)
-    try:
-        yield proc
-    finally:
-        LONG_LIVED.discard(proc.pid)
-        proc.terminate()
-        proc.kill()
+rack = rack_fixture(RACK)
 
 
 @pytest.mark.parametrize("alias", ALIASES)

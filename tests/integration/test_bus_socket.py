@@ -17,7 +17,7 @@ import psutil
 import pytest
 import zmq
 
-from tests.conftest import LONG_LIVED, TEST_BROKER, Proc, write_config
+from tests.conftest import TEST_BROKER, Proc, rack_fixture
 from visabus.sdk import Client
 from visabus.sdk.errors import (
     Aborted,
@@ -42,17 +42,7 @@ identity = "ACME,SCOPE-1,0002,1.0"
 """
 
 
-@pytest.fixture(scope="module")
-def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    path = write_config(tmp_path_factory.mktemp("rack"), RACK)
-    proc = Proc(["serve", str(path), "--json"], timeout=60)
-    LONG_LIVED.add(proc.pid)
-    try:
-        yield proc
-    finally:
-        LONG_LIVED.discard(proc.pid)
-        proc.terminate()
-        proc.kill()
+rack = rack_fixture(RACK)
 
 
 @pytest.fixture

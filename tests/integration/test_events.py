@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
-from tests.conftest import LONG_LIVED, TEST_BROKER, Proc, write_config
+from tests.conftest import TEST_BROKER, Proc, rack_fixture
 from visabus.sdk import Client
 
 RACK = TEST_BROKER + """
@@ -17,16 +15,7 @@ identity = "LECROY,SRQ-SIM,0007,1.0"
 """
 
 
-@pytest.fixture(scope="module")
-def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = Proc(["serve", str(write_config(tmp_path_factory.mktemp("events"), RACK)), "--json"], timeout=60)
-    LONG_LIVED.add(proc.pid)
-    try:
-        yield proc
-    finally:
-        LONG_LIVED.discard(proc.pid)
-        proc.terminate()
-        proc.kill()
+rack = rack_fixture(RACK)
 
 
 @pytest.mark.parametrize("alias", ["srq-vxi11", "srq-hislip", "srq-vicp"])

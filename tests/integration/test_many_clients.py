@@ -9,14 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import msgpack
 import psutil
 import pytest
 import zmq
 
-from tests.conftest import LONG_LIVED, ROOT, TEST_BROKER, Proc, write_config
+from tests.conftest import ROOT, TEST_BROKER, Proc, rack_fixture
 from visabus.sdk import Client
 from visabus.sdk.errors import ResourceLocked, StatusCode, VisaBusError, VisaTimeout
 
@@ -33,16 +32,7 @@ identity = "ACME,SIM-{n},{n:04d},1.0"
 ALIASES = [f"i{n}-socket" for n in range(INSTRUMENTS)]
 
 
-@pytest.fixture(scope="module")
-def rack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
-    proc = Proc(["serve", str(write_config(tmp_path_factory.mktemp("many"), RACK)), "--json"], timeout=60)
-    LONG_LIVED.add(proc.pid)
-    try:
-        yield proc
-    finally:
-        LONG_LIVED.discard(proc.pid)
-        proc.terminate()
-        proc.kill()
+rack = rack_fixture(RACK)
 
 
 def _raw(url: str) -> zmq.Socket:
