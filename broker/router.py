@@ -78,6 +78,7 @@ class Broker:
         self.sessions: dict[str, ClientSession] = {}
         self.rid_sid: dict[bytes, str] = {}
         self.discovered: dict[str, dict[str, Any]] = {}
+        self.instrument_resources: dict[str, set[str]] = {}  # discovery key -> its resources
         self.retired: collections.OrderedDict[str, ClientSession] = collections.OrderedDict()
         self._canonical_cache: dict[str, str] = {}  # resource spelling -> canonical (parsing is not free)
         self._next_purge = 0.0
@@ -713,19 +714,30 @@ class Broker:
         if worker is not None:
             worker.last_seen = time.monotonic()
             data.setdefault("res", worker.res)
-        if topic == "instrument.appeared" or topic == "instrument.changed":
+        if topic.startswith("instrument."):
+            self._track_instrument(topic, data)
+        self.publish(topic, data)
+
+    def _track_instrument(self, topic: str, data: dict[str, Any]) -> None:
+        """Keep `list`'s view of discovered resources: per instrument, the resources its last event named."""
+        key = str(data.get("key") or ",".join(map(str, data.get("resources", []))))
+        old = set(self.instrument_resources.pop(key, set()))
+        for previous in data.get("previous_keys") or []:
+            old |= self.instrument_resources.pop(str(previous), set())
+        new: set[str] = set()
+        if topic != "instrument.disappeared":
             for res in data.get("resources", []):
                 try:
-                    self.discovered[canonical(res)] = {k: data.get(k) for k in ("protocol", "address", "metadata")}
+                    new.add(canonical(res))
                 except InvalidResourceName:
                     log.warning("broker.bad_discovered_resource", res=res)
-        elif topic == "instrument.disappeared":
-            for res in data.get("resources", []):
-                try:
-                    self.discovered.pop(canonical(res), None)
-                except InvalidResourceName:
-                    pass
-        self.publish(topic, data)
+            info = {k: data.get(k) for k in ("protocol", "address", "metadata")}
+            for res in new:
+                self.discovered[res] = info
+            if new and len(self.instrument_resources) < 65536:  # bounded whatever discovery sends
+                self.instrument_resources[key] = new
+        for res in old - new:
+            self.discovered.pop(res, None)
 
     def _worker_gone(self, worker: WorkerEntry, why: str) -> None:
         self.workers.pop(worker.rid, None)

@@ -132,7 +132,7 @@ def test_lock_of_a_killed_holder_is_released_at_lease_end(rack: Proc) -> None:
             killed = time.monotonic()
             inst.lock(timeout=15_000)  # granted once the dead holder's 2 s lease runs out
             waited = time.monotonic() - killed
-            assert 1.0 < waited < 10.0
+            assert waited > 1.0 and waited < 10.0  # not before the lease, not much after
             event = gone.get(5.0)
             assert event is not None and event["released"] == [inst.resource_name]
             assert inst.query("ECHO? mine") == "mine"
