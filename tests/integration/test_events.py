@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from tests.conftest import TEST_BROKER, Proc, rack_fixture
@@ -58,3 +64,24 @@ def test_assert_trigger_reaches_the_instrument(rack: Proc, alias: str) -> None:
         inst.assert_trigger()
         inst.trigger()
         assert int(inst.query("TRG:COUN?")) == before + 2
+
+
+def test_cli_watch_prints_events_as_json_lines(rack: Proc) -> None:
+    watch = subprocess.Popen([sys.executable, "-m", "visabus.sdk.cli", "watch", "lock.", "--json", "--count", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "VISABUS_BROKER": rack.info["frontend"]})
+    try:
+        with Client(rack.info["frontend"]) as bus:
+            inst = bus.open("srq-hislip")
+            deadline = time.monotonic() + 20
+            while watch.poll() is None and time.monotonic() < deadline:
+                with inst.lock():  # repeated until the watcher (subscribing meanwhile) has seen one
+                    pass
+        out, err = watch.communicate(timeout=20)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    event = json.loads(out.strip().splitlines()[0])
+    assert event["topic"] == f"lock.{inst.resource_name}" and event["action"] in ("acquired", "released")
