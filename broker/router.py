@@ -53,6 +53,8 @@ class BrokerConfig:
     liveness: int = 3               # missed worker heartbeats before a worker is declared dead
     lease_ms: int = 10_000          # a client silent this long loses its locks and queued requests
     queue_limit: int = 1024         # per instrument
+    queue_bytes_limit: int = 512 << 20  # payload bytes waiting per instrument
+    max_message_bytes: int = 1 << 30    # larger client messages are refused by ZeroMQ (connection dropped)
     grace_ms: int = 1000            # extra time a worker gets past a request's deadline
     attach_on_demand: bool = False  # open of an unserved resource asks the supervisor for a worker
     attach_timeout_ms: int = 10_000
@@ -62,7 +64,8 @@ class Broker:
     def __init__(self, config: BrokerConfig | None = None, ctx: zmq.Context | None = None) -> None:
         self.config = config or BrokerConfig()
         self.ctx = ctx or zmq.Context.instance()
-        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.frontend)
+        self.frontend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.frontend,
+                                    max_message=self.config.max_message_bytes)
         self.backend = make_socket(self.ctx, zmq.ROUTER, bind=self.config.backend)
         self.events = make_socket(self.ctx, zmq.PUB, bind=self.config.events, hwm=EVENT_HWM)
         self.endpoints = {
@@ -269,7 +272,7 @@ class Broker:
             out.append({
                 "res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
                 "pid": worker.pid if worker else None,
-                "busy": bool(worker and worker.inflight), "queue": len(entry.queue),
+                "busy": bool(worker and worker.inflight), "queue": len(entry.queue), "queued_bytes": entry.queued_bytes,
                 "lock": {"exclusive": entry.locks.exclusive is not None,
                          "holders": [self._session_label(s) for s in entry.locks.holders()],
                          "waiting": len(entry.lock_waiters)},
@@ -502,10 +505,18 @@ class Broker:
         if header["op"] == "clear":
             self._send_out_of_band(entry, req)
             return
+        size = sum(len(f) for f in data)
+        if entry.queued_bytes + size > self.config.queue_bytes_limit and len(entry.queue):
+            self._fail(req, StatusCode.VI_ERROR_RSRC_BUSY,
+                       f"{entry.res}: {entry.queued_bytes} bytes already wait for this instrument "
+                       f"(limit {self.config.queue_bytes_limit}); retry later")
+            return
         if not entry.queue.push(session.sid, req):
             self._fail(req, StatusCode.VI_ERROR_RSRC_BUSY,
                        f"{entry.res}: request queue is full ({entry.queue.limit} waiting); retry later")
             return
+        entry.queued_bytes += size
+        req.queued_bytes = size
         session.pending[cid] = req.bid
         entry.stats.max_queue = max(entry.stats.max_queue, len(entry.queue))
         self._dispatch(entry)
@@ -535,6 +546,7 @@ class Broker:
         req = entry.priority.pop(0) if entry.priority else entry.queue.pop_next(eligible)
         if req is None:
             return
+        self._unqueue(entry, req)
         worker.inflight = req
         worker.dispatched += 1
         self.inflight_by_bid[req.bid] = req
@@ -543,11 +555,18 @@ class Broker:
         self._send_worker(worker.data_rid, {**req.header, "id": req.bid, "n": worker.dispatched, "timeout_ms": left},
                           req.frames)
 
+    @staticmethod
+    def _unqueue(entry: ResourceEntry, req: Request) -> None:
+        entry.queued_bytes -= req.queued_bytes
+        req.queued_bytes = 0
+
     def _fail(self, req: Request, code: StatusCode, message: str, **fields: Any) -> None:
         if req.answered:
             return
         req.answered = True
         entry = self.resources.get(req.res)
+        if entry is not None:
+            self._unqueue(entry, req)
         if req.internal:
             if entry is not None:
                 self._fence_done(entry, req, int(code), message)

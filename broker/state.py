@@ -28,6 +28,7 @@ class Request:
     timeout_s: float | None = None  # the effective per-operation timeout (default applied)
     answered: bool = False   # the broker already answered (timeout/worker death); drop late replies
     internal: bool = False   # issued by the broker itself (fence): the reply is handled, not forwarded
+    queued_bytes: int = 0    # payload bytes counted in its instrument's queue while it waits there
     chunks: int = 0
 
     @property
@@ -89,6 +90,7 @@ class ResourceEntry:
     reserved_by: str | None = None     # a client that wrote a query and has not read its answer yet
     reserved_until: float = 0.0
     stats: ResourceStats = field(default_factory=ResourceStats)
+    queued_bytes: int = 0              # payload bytes of the queued requests
 
 
 @dataclass

@@ -120,7 +120,7 @@ class Supervisor:
         broker = Child("broker", _visabus_cmd(
             "broker", "--frontend", b.frontend, "--backend", b.backend, "--events", b.events,
             "--heartbeat-ms", str(b.heartbeat_ms), "--liveness", str(b.liveness), "--lease-ms", str(b.lease_ms),
-            "--queue-limit", str(b.queue_limit), "--json",
+            "--queue-limit", str(b.queue_limit), "--queue-bytes-limit", str(b.queue_bytes_limit), "--json",
             *(["--attach-on-demand"] if self.config.discovery.attach_on_demand else [])), "broker", reads_json=True)
         broker.start()
         self.endpoints = broker.info

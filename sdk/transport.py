@@ -25,12 +25,14 @@ def broker_url(explicit: str | None = None) -> str:
 
 
 def make_socket(ctx: zmq.Context, kind: int, *, bind: str | None = None, connect: str | None = None,
-                identity: bytes | None = None, hwm: int | None = None) -> zmq.Socket:
+                identity: bytes | None = None, hwm: int | None = None, max_message: int | None = None) -> zmq.Socket:
     """Create, configure and bind/connect one socket. Returns it; the bound endpoint is in LAST_ENDPOINT."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
+    if max_message is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
     if hwm is not None:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)

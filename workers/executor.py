@@ -95,6 +95,7 @@ class Executor(threading.Thread):
         self._current: int | None = None
         self._credit: _Credit | None = None
         self._interrupted = False           # a cancel hit the running operation
+        self.job_started: float | None = None  # monotonic start of the running operation
         self.cleared_upto = 0               # dispatch numbers <= this were covered by a device clear
         self._cancelled: collections.deque[Any] = collections.deque(maxlen=64)  # cancels ahead of their job
         self._job: Job | None = None
@@ -218,6 +219,7 @@ class Executor(threading.Thread):
         bid = header.get("id")
         timeout_ms = header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS)
         timeout = None if timeout_ms is None else timeout_ms / 1000.0
+        self.job_started = time.monotonic()
         with self._guard:
             self._current = bid
             self._job = job
@@ -249,6 +251,7 @@ class Executor(threading.Thread):
             self._send(schema.error_reply(header, StatusCode.VI_ERROR_SYSTEM_ERROR,
                                           f"{self.res}: internal error in the driver: {exc!r}", op="reply"))
         finally:
+            self.job_started = None
             with self._guard:
                 self._current, self._credit, self._job = None, None, None
 

@@ -34,6 +34,7 @@ from .sessions import SessionAttributes, session_for
 log = structlog.get_logger(__name__)
 
 MAX_REJECTIONS = 4  # registration refusals (another live worker owns the resource) before giving up
+BUSY_AFTER_S = 1.0  # an operation running this long is reported as state "busy" (not every request is)
 
 
 class Worker:
@@ -68,6 +69,7 @@ class Worker:
         poller.register(self._from_exec, zmq.POLLIN)
         broker_seen = time.monotonic()
         next_beat = 0.0
+        last_state = self.executor.state
         try:
             while not self._stop.is_set():
                 poller.register(self._dealer, zmq.POLLIN)
@@ -86,20 +88,28 @@ class Worker:
                 if self._register_at is not None and now >= self._register_at:
                     self._register_at = None
                     self._register()
+                state = self._reported_state(now)
                 if now >= next_beat:
-                    self._send({"v": schema.VERSION, "op": "heartbeat", "state": self.executor.state,
+                    self._send({"v": schema.VERSION, "op": "heartbeat", "state": state,
                                 "detail": self.executor.state_detail})
                     next_beat = now + self.heartbeat_s
-                if self.executor.state_changed.is_set():
+                if self.executor.state_changed.is_set() or state != last_state:
                     self.executor.state_changed.clear()
-                    self._send({"v": schema.VERSION, "op": "state", "state": self.executor.state,
+                    self._send({"v": schema.VERSION, "op": "state", "state": state,
                                 "detail": self.executor.state_detail})
+                last_state = state
         finally:
             self._shutdown()
         return self.exit_code
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _reported_state(self, now: float) -> str:
+        started = self.executor.job_started
+        if self.executor.state == "ready" and started is not None and now - started > BUSY_AFTER_S:
+            return "busy"
+        return self.executor.state
 
     def _connect(self) -> None:
         if self._dealer is not None:

@@ -296,3 +296,14 @@ def test_block_into_a_reused_buffer(bus: Client) -> None:
     second = scope.query_binary_block("CURV?", out=buffer)
     assert len(second) == 3000 and bytes(second) == waveform_bytes(3000) and len(buffer) == 5000
     scope.write("WAV:POIN 1000")
+
+
+def test_long_operation_shows_worker_busy(rack: Proc) -> None:
+    with Client(rack.info["frontend"]) as bus, bus.subscribe("worker.state") as states:
+        dmm = bus.open("dmm-socket", timeout=10_000)
+        assert dmm.query("SLOW? 1800") == "1"
+        seen = []
+        while (event := states.get(2.0)) is not None and len(seen) < 2:
+            if event["res"] == dmm.resource_name:
+                seen.append(event["state"])
+        assert seen == ["busy", "ready"]  # reported for an operation over a second, not for every request

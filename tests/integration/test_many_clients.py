@@ -20,7 +20,7 @@ from visabus.sdk import Client
 from visabus.sdk.errors import ResourceLocked, StatusCode, VisaBusError, VisaTimeout
 
 INSTRUMENTS = 4
-RACK = TEST_BROKER.replace("lease_ms = 2000", "lease_ms = 2000\nqueue_limit = 64") + "".join(
+RACK = TEST_BROKER.replace("lease_ms = 2000", "lease_ms = 2000\nqueue_limit = 64\nqueue_bytes_limit = 1048576") + "".join(
     f"""
 [[simulator]]
 name = "i{n}"
@@ -192,6 +192,28 @@ def test_queue_overflow_is_an_error_not_memory(rack: Proc) -> None:
             names.append(reply.get("name", "ok"))
         assert names.count("VI_ERROR_RSRC_BUSY") >= n - 64 - 1  # queue_limit = 64 in this rack
         assert names.count("ok") >= 60
+    finally:
+        sock.close()
+
+
+def test_queued_bytes_are_bounded_too(rack: Proc) -> None:
+    sock = _raw(rack.info["frontend"])
+    try:
+        sock.send_multipart([_req("query", 1, "bulky", res="i3-socket", term=10), b"SLOW? 300\n"])
+        payload = b"VOLT 1" + b" " * (400 << 10) + b"\n"  # 400 KiB each; this rack allows 1 MiB waiting
+        for i in range(2, 6):
+            sock.send_multipart([_req("write", i, "bulky", res="i3-socket"), payload])
+        replies = {}
+        while len(replies) < 5:
+            assert sock.poll(10_000)
+            reply = msgpack.unpackb(sock.recv_multipart()[0])
+            replies[reply["id"]] = reply
+        busy = [r for r in replies.values() if r.get("name") == "VI_ERROR_RSRC_BUSY"]
+        assert busy and all("bytes already wait" in r["msg"] for r in busy)
+        assert sum(1 for r in replies.values() if r["status"] >= 0) >= 3  # the query and two writes ran
+        with Client(rack.info["frontend"]) as bus:
+            row = next(r for r in bus.status()["resources"] if r["alias"] == "i3-socket")
+            assert row["queued_bytes"] == 0  # bookkeeping returns to zero once all left the queue
     finally:
         sock.close()
 
