@@ -145,7 +145,7 @@ class Broker:
     # ========================================================================= sending helpers
     def _send(self, sock: zmq.Socket, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
         try:
-            sock.send_multipart([rid, schema.pack(header), *frames], flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart([rid, schema.pack(header), *frames], flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
             self.dropped_replies += 1
