@@ -23,7 +23,7 @@ import zmq
 
 from visabus.sdk import schema
 from visabus.sdk.errors import InvalidResourceName, StatusCode, VisaBusError
-from visabus.sdk.resources import canonical, match_pattern
+from visabus.sdk.resources import canonical
 from visabus.sdk.transport import (
     DEFAULT_BACKEND,
     DEFAULT_EVENTS,
@@ -33,9 +33,10 @@ from visabus.sdk.transport import (
     make_socket,
 )
 
+from .directory import Directory
 from .fairqueue import FairQueue
-from .locks import validate_lock_request
-from .state import ClientSession, LockWaiter, Request, ResourceEntry, WorkerEntry
+from .locking import LockManager
+from .state import ClientSession, Request, ResourceEntry, WorkerEntry
 
 log = structlog.get_logger(__name__)
 
@@ -91,10 +92,12 @@ class Broker:
         self._stopping = False
         self._next_heartbeat = 0.0
         self.dropped_replies = 0
+        self.locking = LockManager(self)
+        self.directory = Directory(self)
         self._broker_ops: dict[str, Callable[[bytes, ClientSession, schema.Header, list[Any]], None]] = {
-            "hello": self._op_hello, "heartbeat": self._op_heartbeat, "bye": self._op_bye, "list": self._op_list,
-            "status": self._op_status, "open": self._op_open, "close": self._op_close, "lock": self._op_lock,
-            "unlock": self._op_unlock, "cancel": self._op_cancel, "credit": self._op_credit, "ping": self._op_ping,
+            "hello": self._op_hello, "heartbeat": self._op_heartbeat, "bye": self._op_bye, "list": self.directory.op_list,
+            "status": self.directory.op_status, "open": self.directory.op_open, "close": self._op_close, "lock": self.locking.op_lock,
+            "unlock": self.locking.op_unlock, "cancel": self._op_cancel, "credit": self._op_credit, "ping": self._op_ping,
         }
 
     # ================================================================================== loop
@@ -246,211 +249,24 @@ class Broker:
             pass
         self._send_client(rid, schema.reply(header, 0))
 
-    def _op_list(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
-        pattern = header.get("pattern") or "?*"
-        rows: dict[str, dict[str, Any]] = {}
-        try:
-            for res, info in self.discovered.items():
-                if match_pattern(pattern, res) or (info.get("alias") and match_pattern(pattern, info["alias"])):
-                    rows[res] = {"res": res, "source": "discovery", "state": "unattached", **info}
-            for res, entry in self.resources.items():
-                if match_pattern(pattern, res) or (entry.alias and match_pattern(pattern, entry.alias)):
-                    rows[res] = {"res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
-                                 "source": "worker", "locked": entry.locks.locked}
-        except InvalidResourceName as exc:
-            self._error(rid, header, exc.code, exc.message)
-            return
-        self._send_client(rid, schema.reply(header, 0, resources=[rows[k] for k in sorted(rows)]))
-
-    def _op_status(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
-        out = []
-        only = self.aliases.get(header.get("res") or "", header.get("res"))
-        for res, entry in sorted(self.resources.items()):
-            if only and res != only and entry.alias != only:
-                continue
-            worker = self.workers.get(entry.worker) if entry.worker else None
-            out.append({
-                "res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
-                "pid": worker.pid if worker else None,
-                "busy": bool(worker and worker.inflight), "queue": len(entry.queue), "queued_bytes": entry.queued_bytes,
-                "lock": {"exclusive": entry.locks.exclusive is not None,
-                         "holders": [self._session_label(s) for s in entry.locks.holders()],
-                         "waiting": len(entry.lock_waiters)},
-                "stats": vars(entry.stats),
-            })
-        self._send_client(rid, schema.reply(header, 0, resources=out, clients=len(self.sessions),
-                                            endpoints=self.endpoints, dropped_replies=self.dropped_replies))
 
     def _session_label(self, sid: str) -> str:
         session = self.sessions.get(sid)
         return f"{session.name}({sid})" if session and session.name else sid
 
-    def _op_open(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
-        if self.config.attach_on_demand and self._attach_on_demand(rid, session, header):
-            return
-        entry = self._resolve(rid, header)
-        if entry is not None:
-            self._answer_open(rid, header, entry)
-
-    def _answer_open(self, rid: bytes, header: schema.Header, entry: ResourceEntry) -> None:
-        self._send_client(rid, schema.reply(header, 0, res=entry.res, alias=entry.alias, state=entry.state,
-                                            protocol=entry.protocol))
-
-    def _attach_on_demand(self, rid: bytes, session: ClientSession, header: schema.Header) -> bool:
-        """Open of a resource no worker serves: ask the supervisor for one and hold the open meanwhile."""
-        text = header.get("res", "")
-        if text in self.aliases:
-            return False
-        try:
-            res = canonical(text)
-        except InvalidResourceName:
-            return False  # _resolve answers with the precise error
-        entry = self.resources.get(res)
-        if entry is not None and not (entry.on_demand and entry.worker is None):
-            return False
-        if entry is None:
-            entry = self.resources[res] = ResourceEntry(res=res, queue=FairQueue(self.config.queue_limit),
-                                                         on_demand=True)
-        if entry.state != "attaching":
-            entry.state = "attaching"
-            self.publish("attach.request", {"res": res, "client": self._session_label(session.sid)})
-        wait_ms = min(header.get("timeout_ms") or self.config.attach_timeout_ms, self.config.attach_timeout_ms)
-        entry.open_waiters.append(LockWaiter(rid, session.sid, header, False, None,
-                                             time.monotonic() + max(wait_ms, 1000) / 1000.0))
-        return True
-
-    def _settle_open_waiters(self, entry: ResourceEntry, failure: str | None) -> None:
-        waiters, entry.open_waiters = entry.open_waiters, []
-        for waiter in waiters:
-            if failure is None:
-                self._answer_open(waiter.rid, waiter.header, entry)
-            else:
-                self._error(waiter.rid, waiter.header, StatusCode.VI_ERROR_RSRC_NFOUND, failure)
-        if failure is not None and entry.on_demand:
-            self.publish("attach.failed", {"res": entry.res, "reason": failure})
-            if entry.worker is None:
-                self.resources.pop(entry.res, None)
 
     def _op_close(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
         entry = self._resolve(rid, header)
         if entry is None:
             return
         if entry.locks.release_session(session.sid):
-            self._lock_changed(entry, session.sid, "released")
+            self.locking.changed(entry, session.sid, "released")
         if entry.reserved_by == session.sid:
             entry.reserved_by = None
         self._send_client(rid, schema.reply(header, 0))
         self._dispatch(entry)
 
-    def _op_lock(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
-        entry = self._resolve(rid, header)
-        if entry is None:
-            return
-        try:
-            exclusive = header.get("exclusive")
-            exclusive, key = validate_lock_request(True if exclusive is None else exclusive, header.get("key"))
-        except VisaBusError as exc:
-            self._error(rid, header, exc.code, exc.message)
-            return
-        granted = entry.locks.try_acquire(session.sid, exclusive, key)
-        if granted is not None:
-            depth = entry.locks.exclusive_depth if exclusive else entry.locks.shared.get(session.sid, 1)
-            nested = StatusCode.VI_SUCCESS_NESTED_EXCLUSIVE if exclusive else StatusCode.VI_SUCCESS_NESTED_SHARED
-            self._grant(entry, LockWaiter(rid, session.sid, header, exclusive, key, None), granted,
-                        int(nested) if depth > 1 else 0)
-            self._lock_changed(entry, session.sid, "acquired")
-            return
-        wait_ms = header.get("lock_timeout_ms", header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS))
-        deadline = None if wait_ms is None else time.monotonic() + wait_ms / 1000.0
-        entry.lock_waiters.append(LockWaiter(rid, session.sid, header, exclusive, key, deadline))
 
-    def _op_unlock(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
-        entry = self._resolve(rid, header)
-        if entry is None:
-            return
-        try:
-            entry.locks.release(session.sid)
-        except VisaBusError as exc:
-            self._error(rid, header, exc.code, f"{entry.res}: {exc.message}")
-            return
-        self._send_client(rid, schema.reply(header, 0))
-        self._lock_changed(entry, session.sid, "released")
-
-    def _lock_changed(self, entry: ResourceEntry, sid: str, action: str) -> None:
-        self.publish(f"lock.{entry.res}", {"res": entry.res, "action": action, "client": self._session_label(sid),
-                                           "holders": [self._session_label(s) for s in entry.locks.holders()],
-                                           "exclusive": entry.locks.exclusive is not None})
-        still_waiting = []
-        for waiter in entry.lock_waiters:
-            if waiter.sid not in self.sessions:
-                continue
-            granted = entry.locks.try_acquire(waiter.sid, waiter.exclusive, waiter.key)
-            if granted is None:
-                still_waiting.append(waiter)
-            else:
-                self._grant(entry, waiter, granted, 0)
-                self.publish(f"lock.{entry.res}", {"res": entry.res, "action": "acquired",
-                                                   "client": self._session_label(waiter.sid),
-                                                   "holders": [self._session_label(s) for s in entry.locks.holders()],
-                                                   "exclusive": entry.locks.exclusive is not None})
-        entry.lock_waiters = still_waiting
-        if not entry.locks.locked and entry.fence_state == "on":
-            self._fence(entry, False, schema.DEFAULT_TIMEOUT_MS)
-        self._dispatch(entry)
-
-    # ------------------------------------------------------------------------------ fencing
-    def _grant(self, entry: ResourceEntry, waiter: LockWaiter, key: str, status: int) -> None:
-        """Answer a granted lock, after the worker has taken the instrument's own lock if it fences."""
-        worker = self.workers.get(entry.worker) if entry.worker else None
-        if worker is None or not worker.fence or entry.fence_state == "on":
-            self._send_client(waiter.rid, schema.reply(waiter.header, status, key=key or None))
-            return
-        entry.fence_grants.append((waiter, key, status))
-        if entry.fence_state == "off":
-            wait_ms = waiter.header.get("lock_timeout_ms", waiter.header.get("timeout_ms", schema.DEFAULT_TIMEOUT_MS))
-            self._fence(entry, True, wait_ms)
-
-    def _fence(self, entry: ResourceEntry, lock: bool, timeout_ms: int | None) -> None:
-        now = time.monotonic()
-        timeout_s = None if timeout_ms is None else timeout_ms / 1000.0
-        req = Request(bid=next(self._bids), rid=b"", sid="@broker", cid=None,
-                      header={"v": schema.VERSION, "op": "fence", "lock": lock, "timeout_ms": timeout_ms},
-                      frames=[], res=entry.res, received=now, deadline=None if timeout_s is None else now + timeout_s,
-                      timeout_s=timeout_s, internal=True)
-        entry.fence_state = "taking" if lock else "releasing"
-        entry.priority.append(req)
-        self._dispatch(entry)
-
-    def _fence_done(self, entry: ResourceEntry, req: Request, status: int, message: str) -> None:
-        worker = self.workers.get(entry.worker) if entry.worker else None
-        if req.header["lock"]:
-            if status >= 0 or status == StatusCode.VI_ERROR_NSUP_OPER:
-                if status < 0 and worker is not None:
-                    log.warning("broker.fence_unsupported", resource=entry.res, reason=message)
-                    worker.fence = False  # this protocol has no instrument lock: bus locks only
-                entry.fence_state = "on" if status >= 0 else "off"
-                grants, entry.fence_grants = entry.fence_grants, []
-                for waiter, key, granted_status in grants:
-                    self._send_client(waiter.rid, schema.reply(waiter.header, granted_status, key=key or None))
-                if status >= 0 and not entry.locks.locked:
-                    self._fence(entry, False, schema.DEFAULT_TIMEOUT_MS)
-                return
-            # Someone outside the bus holds the instrument: the bus lock cannot be honoured.
-            entry.fence_state = "off"
-            grants, entry.fence_grants = entry.fence_grants, []
-            for waiter, _, _ in grants:
-                entry.locks.release_session(waiter.sid)
-                self._error(waiter.rid, waiter.header, StatusCode(status) if status in StatusCode._value2member_map_
-                            else StatusCode.VI_ERROR_RSRC_LOCKED,
-                            f"{entry.res}: the instrument's own lock could not be taken (a client outside the bus "
-                            f"may hold it): {message}")
-                self.publish(f"lock.{entry.res}", {"res": entry.res, "action": "released",
-                                                   "client": self._session_label(waiter.sid), "holders": [],
-                                                   "exclusive": False})
-            return
-        entry.fence_state = "off"
-        if entry.fence_grants:  # locked again while we were releasing
-            self._fence(entry, True, schema.DEFAULT_TIMEOUT_MS)
 
     def _op_cancel(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
         bid = session.pending.get(header["target"])
@@ -569,7 +385,7 @@ class Broker:
             self._unqueue(entry, req)
         if req.internal:
             if entry is not None:
-                self._fence_done(entry, req, int(code), message)
+                self.locking.fence_done(entry, req, int(code), message)
             return
         if entry is not None:
             entry.stats.errors += 1
@@ -651,7 +467,7 @@ class Broker:
         entry.worker, entry.state, entry.protocol = rid, worker.state, worker.protocol
         log.info("broker.worker_up", resource=res, worker_pid=worker.pid, state=worker.state)
         if entry.open_waiters and worker.state in ("ready", "lost"):
-            self._settle_open_waiters(entry, None if worker.state == "ready" else f"{res}: instrument not reachable")
+            self.directory.settle_open_waiters(entry, None if worker.state == "ready" else f"{res}: instrument not reachable")
         self.publish("worker.up", {"res": res, "alias": entry.alias, "pid": worker.pid, "state": worker.state})
         self._dispatch(entry)
 
@@ -674,7 +490,7 @@ class Broker:
         entry = self.resources[worker.res]
         entry.state = state
         if entry.open_waiters and state in ("ready", "lost"):
-            self._settle_open_waiters(entry, None if state == "ready" else
+            self.directory.settle_open_waiters(entry, None if state == "ready" else
                                       f"{worker.res}: instrument not reachable ({detail or 'no answer'})")
         self.publish("worker.state", {"res": worker.res, "state": state, "detail": detail})
 
@@ -693,7 +509,7 @@ class Broker:
                 worker.inflight = None
             if not req.answered:
                 req.answered = True
-                self._fence_done(entry, req, header["status"], str(header.get("msg", "")))
+                self.locking.fence_done(entry, req, header["status"], str(header.get("msg", "")))
             self._dispatch(entry)
             return
         if not req.answered:
@@ -734,29 +550,9 @@ class Broker:
             worker.last_seen = time.monotonic()
             data.setdefault("res", worker.res)
         if topic.startswith("instrument."):
-            self._track_instrument(topic, data)
+            self.directory.track_instrument(topic, data)
         self.publish(topic, data)
 
-    def _track_instrument(self, topic: str, data: dict[str, Any]) -> None:
-        """Keep `list`'s view of discovered resources: per instrument, the resources its last event named."""
-        key = str(data.get("key") or ",".join(map(str, data.get("resources", []))))
-        old = set(self.instrument_resources.pop(key, set()))
-        for previous in data.get("previous_keys") or []:
-            old |= self.instrument_resources.pop(str(previous), set())
-        new: set[str] = set()
-        if topic != "instrument.disappeared":
-            for res in data.get("resources", []):
-                try:
-                    new.add(canonical(res))
-                except InvalidResourceName:
-                    log.warning("broker.bad_discovered_resource", res=res)
-            info = {k: data.get(k) for k in ("protocol", "address", "metadata")}
-            for res in new:
-                self.discovered[res] = info
-            if new and len(self.instrument_resources) < 65536:  # bounded whatever discovery sends
-                self.instrument_resources[key] = new
-        for res in old - new:
-            self.discovered.pop(res, None)
 
     def _worker_gone(self, worker: WorkerEntry, why: str) -> None:
         self.workers.pop(worker.rid, None)
@@ -810,7 +606,7 @@ class Broker:
                 entry.reserved_by = None
                 self._dispatch(entry)
             if entry.open_waiters and any(w.deadline is not None and now >= w.deadline for w in entry.open_waiters):
-                self._settle_open_waiters(entry, f"{entry.res}: no worker could be attached in time "
+                self.directory.settle_open_waiters(entry, f"{entry.res}: no worker could be attached in time "
                                                  "(is attach_on_demand on and the instrument reachable?)")
         grace = self.config.grace_ms / 1000.0
         for req in list(self.inflight_by_bid.values()):
@@ -851,7 +647,7 @@ class Broker:
                 entry.reserved_by = None
             if entry.locks.release_session(session.sid):
                 released.append(entry.res)
-                self._lock_changed(entry, session.sid, "released")
+                self.locking.changed(entry, session.sid, "released")
             self._dispatch(entry)
         log.info("broker.client_gone", client=session.sid, reason=why, released_locks=released)
         self.publish("client.gone", {"client": session.sid, "name": session.name, "reason": why,
