@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_IDENTITY = "VISABUS,SIM-1,0001,1.0"
 MAX_WAVEFORM_POINTS = 1 << 31  # 2 GiB; a simulator may be asked for big blocks but not absurd ones
@@ -84,6 +85,7 @@ class Instrument:
 class _Pending:
     ready_at: float
     data: bytes
+    tag: Any = None  # what the server passed to write(): e.g. the VICP sequence number of the command
 
 
 class ScpiSession:
@@ -103,7 +105,8 @@ class ScpiSession:
         self._srq_timers: list[threading.Timer] = []
 
     # ---------------------------------------------------------------- server-facing API
-    def write(self, message: bytes | bytearray | memoryview) -> None:
+    def write(self, message: bytes | bytearray | memoryview, tag: Any = None) -> None:
+        """Execute one program message; its response (if any) carries `tag` (see wait_tagged)."""
         text = bytes(message).decode("latin-1").strip().rstrip("\r\n")
         if not text:
             return
@@ -117,12 +120,17 @@ class ScpiSession:
             replies.append(reply)
             delay = max(delay, unit_delay)
         if len(replies) == 1 and isinstance(replies[0], _Terminated):
-            self._queue(replies[0], delay)  # a cached block: no 64 MiB copy per query
+            self._queue(replies[0], delay, tag)  # a cached block: no 64 MiB copy per query
         elif replies:
-            self._queue(b";".join(r[:-1] if isinstance(r, _Terminated) else r for r in replies) + b"\n", delay)
+            self._queue(b";".join(r[:-1] if isinstance(r, _Terminated) else r for r in replies) + b"\n", delay, tag)
 
     def wait_response(self, timeout: float | None) -> bytes | None:
         """Block until the next response is ready; None on timeout or if a device clear removed it."""
+        item = self.wait_tagged(timeout)
+        return None if item is None else item[0]
+
+    def wait_tagged(self, timeout: float | None) -> tuple[bytes, Any] | None:
+        """Like wait_response, with the tag given to the write() that produced the response."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             generation = self._clear_generation
@@ -131,7 +139,8 @@ class ScpiSession:
                     return None
                 now = time.monotonic()
                 if self._output and self._output[0].ready_at <= now:
-                    return self._output.popleft().data
+                    pending = self._output.popleft()
+                    return pending.data, pending.tag
                 wake = self._output[0].ready_at if self._output else None
                 if deadline is not None:
                     wake = deadline if wake is None else min(wake, deadline)
@@ -177,9 +186,9 @@ class ScpiSession:
         self.device_clear()
 
     # ---------------------------------------------------------------- internals
-    def _queue(self, data: bytes, delay: float) -> None:
+    def _queue(self, data: bytes, delay: float, tag: Any = None) -> None:
         with self._cond:
-            self._output.append(_Pending(time.monotonic() + delay, data))
+            self._output.append(_Pending(time.monotonic() + delay, data, tag))
             self._cond.notify_all()
 
     def _error(self, code: int, text: str) -> None:

@@ -14,14 +14,12 @@ Per connection:
 
 from __future__ import annotations
 
-import collections
 import errno
 import fcntl
 import select
 import socket
 import struct
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -49,44 +47,12 @@ _RECV_CHUNK = 1 << 16
 _SIOCATMARK = 0x8905          # Linux ioctl: is the next byte to read the urgent byte?
 
 
-class _TaggedSession(ScpiSession):
-    """ScpiSession that remembers which command (sequence number) queued each response.
-
-    The engine queues at most one response per `write()` and keeps them in order, so a FIFO of tags
-    next to its output queue is enough. This hooks the engine's private `_queue` and `_cond`; a public
-    way to tag a write's response in sim/scpi.py would let this class go.
-    """
-
-    def __init__(self, instrument: Instrument, on_srq: Callable[[int], None]) -> None:
-        super().__init__(instrument, on_srq)
-        self.current_tag = 0
-        self._tags: collections.deque[int] = collections.deque()
-
-    def _queue(self, data: bytes, delay: float) -> None:
-        with self._cond:
-            self._tags.append(self.current_tag)
-            super()._queue(data, delay)
-
-    def next_response(self, timeout: float | None) -> tuple[bytes, int] | None:
-        data = self.wait_response(timeout)
-        if data is None:
-            return None
-        with self._cond:
-            tag = self._tags.popleft() if self._tags else self.current_tag
-        return data, tag
-
-    def device_clear(self) -> None:
-        with self._cond:
-            self._tags.clear()
-            super().device_clear()
-
-
 class _Connection:
     def __init__(self, sock: socket.socket, peer: Any, instrument: Instrument, max_block: int) -> None:
         self.sock = sock
         self.peer = str(peer)
         self.max_block = max_block
-        self.session = _TaggedSession(instrument, self._on_srq)
+        self.session = ScpiSession(instrument, self._on_srq)
         self.send_lock = threading.Lock()
         self.closed = threading.Event()
         self.last_seq = 0
@@ -143,8 +109,7 @@ class _Connection:
             log.info("sim.vicp.remote_state", peer=self.peer, remote=self.remote, lockout=self.lockout)
         text = message.add(block)
         if text is not None:
-            self.session.current_tag = header.seq
-            self.session.write(text)
+            self.session.write(text, tag=header.seq)  # the response carries the command's sequence number
 
     def _at_urgent_mark(self, events: int) -> bool:
         """True when an urgent byte is pending and no ordinary data precedes it (SIOCATMARK)."""
@@ -181,7 +146,7 @@ class _Connection:
     # ------------------------------------------------------------------ send side
     def _send_responses(self) -> None:
         while not self.closed.is_set():
-            item = self.session.next_response(timeout=0.5)
+            item = self.session.wait_tagged(timeout=0.5)
             if item is None:
                 continue
             data, tag = item
