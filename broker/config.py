@@ -87,13 +87,14 @@ def parse_config(data: dict[str, Any], source: str = "<string>") -> ServeConfig:
     _check_keys(data, {"broker", "instrument", "simulator", "discovery", "supervisor"}, source)
     b = _expect(data.get("broker", {}), dict, f"{source}: [broker]")
     _check_keys(b, {"frontend", "backend", "events", "heartbeat_ms", "liveness", "lease_ms", "queue_limit",
-                    "queue_bytes_limit", "grace_ms"}, f"{source}: [broker]")
+                    "queue_bytes_limit", "grace_ms", "max_message_bytes"}, f"{source}: [broker]")
     broker = BrokerConfig(
         frontend=_endpoint(b.get("frontend", DEFAULT_FRONTEND), f"{source}: broker.frontend"),
         backend=_endpoint(b.get("backend", DEFAULT_BACKEND), f"{source}: broker.backend"),
         events=_endpoint(b.get("events", DEFAULT_EVENTS), f"{source}: broker.events"),
     )
-    for key in ("heartbeat_ms", "liveness", "lease_ms", "queue_limit", "queue_bytes_limit", "grace_ms"):
+    for key in ("heartbeat_ms", "liveness", "lease_ms", "queue_limit", "queue_bytes_limit", "grace_ms",
+                "max_message_bytes"):
         if key in b:
             if _expect(b[key], int, f"{source}: broker.{key}") <= 0:
                 raise ConfigError(f"{source}: broker.{key} must be positive")

@@ -16,7 +16,7 @@ import structlog
 
 from visabus.sdk import schema
 from visabus.sdk.errors import InvalidResourceName, StatusCode
-from visabus.sdk.resources import canonical, match_pattern
+from visabus.sdk.resources import canonical, match_pattern, parse_resource
 
 from .fairqueue import FairQueue
 from .state import ClientSession, LockWaiter, ResourceEntry
@@ -37,7 +37,8 @@ class Directory:
         try:
             for res, info in self.b.discovered.items():
                 if match_pattern(pattern, res) or (info.get("alias") and match_pattern(pattern, info["alias"])):
-                    rows[res] = {"res": res, "source": "discovery", "state": "unattached", **info}
+                    rows[res] = {"res": res, "source": "discovery", "state": "unattached", **info,
+                                 "protocol": parse_resource(res).protocol.value}
             for res, entry in self.b.resources.items():
                 if match_pattern(pattern, res) or (entry.alias and match_pattern(pattern, entry.alias)):
                     rows[res] = {"res": res, "alias": entry.alias, "state": entry.state, "protocol": entry.protocol,
@@ -49,7 +50,13 @@ class Directory:
 
     def op_status(self, rid: bytes, session: ClientSession, header: schema.Header, data: list[Any]) -> None:
         out = []
-        only = self.b.aliases.get(header.get("res") or "", header.get("res"))
+        only = header.get("res")
+        if only:
+            try:
+                only = self.b.aliases.get(only) or canonical(only)
+            except InvalidResourceName as exc:
+                self.b._error(rid, header, exc.code, exc.message)
+                return
         for res, entry in sorted(self.b.resources.items()):
             if only and res != only and entry.alias != only:
                 continue

@@ -18,6 +18,9 @@ def add_broker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--liveness", type=int, default=3, help="missed heartbeats before a worker is dead")
     parser.add_argument("--lease-ms", type=int, default=10_000, help="client lease (locks die with it)")
     parser.add_argument("--queue-limit", type=int, default=1024, help="queued requests per instrument")
+    parser.add_argument("--grace-ms", type=int, default=1000, help="time a worker gets past a request's deadline")
+    parser.add_argument("--max-frame-bytes", type=int, default=1 << 30,
+                        help="largest frame a client may send (ZeroMQ drops the connection beyond it)")
     parser.add_argument("--queue-bytes-limit", type=int, default=512 << 20,
                         help="payload bytes that may wait per instrument (default 512 MiB)")
     parser.add_argument("--attach-on-demand", action="store_true",
@@ -32,6 +35,7 @@ def broker_main(args: argparse.Namespace) -> int:
     broker = Broker(BrokerConfig(frontend=args.frontend, backend=args.backend, events=args.events,
                                  heartbeat_ms=args.heartbeat_ms, liveness=args.liveness, lease_ms=args.lease_ms,
                                  queue_limit=args.queue_limit, queue_bytes_limit=args.queue_bytes_limit,
+                                 grace_ms=args.grace_ms, max_message_bytes=args.max_frame_bytes,
                                  attach_on_demand=args.attach_on_demand))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())

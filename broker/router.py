@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ class BrokerConfig:
     lease_ms: int = 10_000          # a client silent this long loses its locks and queued requests
     queue_limit: int = 1024         # per instrument
     queue_bytes_limit: int = 512 << 20  # payload bytes waiting per instrument
-    max_message_bytes: int = 1 << 30    # larger client messages are refused by ZeroMQ (connection dropped)
+    max_message_bytes: int = 1 << 30    # per frame: ZeroMQ drops a client connection that sends a larger one
     grace_ms: int = 1000            # extra time a worker gets past a request's deadline
     attach_on_demand: bool = False  # open of an unserved resource asks the supervisor for a worker
     attach_timeout_ms: int = 10_000
@@ -88,6 +89,7 @@ class Broker:
         self._next_purge = 0.0
         self.inflight_by_bid: dict[int, Request] = {}
         self._bids = itertools.count(1)
+        self.instance = secrets.token_hex(4)  # dispatch numbers and clears are meaningful per broker run
         self._topic_seq: dict[str, int] = {}
         self._stopping = False
         self._next_heartbeat = 0.0
@@ -346,7 +348,8 @@ class Broker:
         worker.oob[req.bid] = req
         self.inflight_by_bid[req.bid] = req
         self.sessions[req.sid].pending[req.cid] = req.bid
-        self._send_worker(worker.rid, {**req.header, "id": req.bid, "upto": worker.dispatched}, req.frames)
+        self._send_worker(worker.rid, {**req.header, "id": req.bid, "upto": worker.dispatched, "bi": self.instance},
+                          req.frames)
 
     def _dispatch(self, entry: ResourceEntry) -> None:
         worker = self.workers.get(entry.worker) if entry.worker else None
@@ -368,8 +371,8 @@ class Broker:
         self.inflight_by_bid[req.bid] = req
         # The worker gets what is left of the caller's timeout, not a fresh one after the queueing.
         left = None if req.deadline is None else max(1, int((req.deadline - now) * 1000))
-        self._send_worker(worker.data_rid, {**req.header, "id": req.bid, "n": worker.dispatched, "timeout_ms": left},
-                          req.frames)
+        self._send_worker(worker.data_rid, {**req.header, "id": req.bid, "n": worker.dispatched, "timeout_ms": left,
+                                            "bi": self.instance}, req.frames)
 
     @staticmethod
     def _unqueue(entry: ResourceEntry, req: Request) -> None:
@@ -466,6 +469,8 @@ class Broker:
             self.data_rids[data_rid] = rid
         entry.worker, entry.state, entry.protocol = rid, worker.state, worker.protocol
         log.info("broker.worker_up", resource=res, worker_pid=worker.pid, state=worker.state)
+        if worker.fence and entry.locks.locked and entry.fence_state == "off":
+            self.locking.fence(entry, True, schema.DEFAULT_TIMEOUT_MS)  # locks outlived the old worker
         if entry.open_waiters and worker.state in ("ready", "lost"):
             self.directory.settle_open_waiters(entry, None if worker.state == "ready" else f"{res}: instrument not reachable")
         self.publish("worker.up", {"res": res, "alias": entry.alias, "pid": worker.pid, "state": worker.state})

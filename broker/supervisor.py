@@ -120,7 +120,8 @@ class Supervisor:
         broker = Child("broker", _visabus_cmd(
             "broker", "--frontend", b.frontend, "--backend", b.backend, "--events", b.events,
             "--heartbeat-ms", str(b.heartbeat_ms), "--liveness", str(b.liveness), "--lease-ms", str(b.lease_ms),
-            "--queue-limit", str(b.queue_limit), "--queue-bytes-limit", str(b.queue_bytes_limit), "--json",
+            "--queue-limit", str(b.queue_limit), "--queue-bytes-limit", str(b.queue_bytes_limit),
+            "--grace-ms", str(b.grace_ms), "--max-frame-bytes", str(b.max_message_bytes), "--json",
             *(["--attach-on-demand"] if self.config.discovery.attach_on_demand else [])), "broker", reads_json=True)
         broker.start()
         self.endpoints = broker.info
@@ -283,9 +284,8 @@ class Supervisor:
                     child.backoff = 1.0
                 continue
             if child.kind == "worker" and code == 3:
-                log.error("supervisor.worker_rejected", child=child.name)  # duplicate owner: do not loop
-                child.proc = None
-                continue
+                # Another live worker owns the resource; try again later (backoff) rather than never.
+                log.error("supervisor.worker_rejected", child=child.name, retry_in_s=child.backoff)
             child.proc = None
             child.restart_at = now + child.backoff
             log.warning("supervisor.child_died", child=child.name, exit_code=code, restart_in_s=child.backoff)

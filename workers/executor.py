@@ -97,6 +97,7 @@ class Executor(threading.Thread):
         self._interrupted = False           # a cancel hit the running operation
         self.job_started: float | None = None  # monotonic start of the running operation
         self.cleared_upto = 0               # dispatch numbers <= this were covered by a device clear
+        self._broker_instance: str | None = None  # dispatch numbers restart with every broker run
         self._cancelled: collections.deque[Any] = collections.deque(maxlen=64)  # cancels ahead of their job
         self._job: Job | None = None
         self._guard = threading.Lock()
@@ -121,6 +122,13 @@ class Executor(threading.Thread):
             self._interrupted = True
         threading.Thread(target=self._abort_quietly, daemon=True, name="worker-abort").start()
 
+    def _same_broker(self, instance: Any) -> None:
+        """Forget clears and cancels of an earlier broker run (its numbering does not apply). Holds _guard."""
+        if instance != self._broker_instance:
+            self._broker_instance = instance
+            self.cleared_upto = 0
+            self._cancelled.clear()
+
     def _abort_quietly(self) -> None:
         try:
             self.session.abort()
@@ -130,6 +138,7 @@ class Executor(threading.Thread):
     def run_clear(self, header: dict[str, Any]) -> dict[str, Any]:
         """Device clear, run on a control-side thread; a read blocked in the executor fails with ABORT."""
         with self._guard:
+            self._same_broker(header.get("bi"))
             # Every operation the broker dispatched before this clear is aborted, whichever socket is faster.
             self.cleared_upto = max(self.cleared_upto, int(header.get("upto") or 0))
         try:
@@ -221,6 +230,7 @@ class Executor(threading.Thread):
         timeout = None if timeout_ms is None else timeout_ms / 1000.0
         self.job_started = time.monotonic()
         with self._guard:
+            self._same_broker(header.get("bi"))
             self._current = bid
             self._job = job
             self._interrupted = False
@@ -329,8 +339,9 @@ class Executor(threading.Thread):
                 results.append(self._run_step(step, job.frames, frames, timeout))
             except VisaBusError as exc:
                 results.append({"op": step["op"], "status": int(exc.code), "name": exc.name, "msg": exc.message})
+                extra = {"outcome": "unknown"} if isinstance(exc, ConnectionLost) else {}
                 self._send(schema.error_reply(job.header, exc.code, f"transaction step {index} ({step['op']}): "
-                                              f"{exc.message}", op="reply", results=results), frames)
+                                              f"{exc.message}", op="reply", results=results, **extra), frames)
                 if isinstance(exc, ConnectionLost):
                     self._mark_lost(exc.message)
                 return

@@ -156,7 +156,8 @@ class Worker:
         if op == "heartbeat":
             return
         if op == "reconnect":
-            self._register()
+            if self._register_at is None:  # while refused, wait out the old owner's liveness period
+                self._register()
         elif op == "reject":
             # Usually the worker we replace has not been declared dead yet: try again after the broker's
             # liveness period, and give up (exit code 3) only if another worker really owns the instrument.
