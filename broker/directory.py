@@ -139,3 +139,17 @@ class Directory:
                 self.b.instrument_resources[key] = new
         for res in old - new:
             self.b.discovered.pop(res, None)
+
+    def expire_open_waiters(self, entry: ResourceEntry, now: float) -> None:
+        """Fail the held opens whose own time ran out; give up on the attach when none is left waiting."""
+        expired = [w for w in entry.open_waiters if w.deadline is not None and now >= w.deadline]
+        if not expired:
+            return
+        if len(expired) == len(entry.open_waiters):
+            self.settle_open_waiters(entry, f"{entry.res}: no worker could be attached in time "
+                                            "(is attach_on_demand on and the instrument reachable?)")
+            return
+        entry.open_waiters = [w for w in entry.open_waiters if w not in expired]
+        for waiter in expired:
+            self.b._error(waiter.rid, waiter.header, StatusCode.VI_ERROR_RSRC_NFOUND,
+                          f"{entry.res}: no worker was ready within this open's timeout")

@@ -183,7 +183,10 @@ class Broker:
             header, data = schema.decode([f.buffer for f in frames[1:2]] + frames[2:])
         except schema.MalformedMessage as exc:
             log.warning("broker.malformed_client_message", peer=rid.hex(), error=str(exc))
-            self._error(rid, exc.header if isinstance(exc.header.get("id"), (int, str)) else {}, exc.code, str(exc))
+            rid_ok = type(exc.header.get("id")) is int
+            echo = {"op": exc.header.get("op") if isinstance(exc.header.get("op"), str) else None,
+                    "id": exc.header["id"] if rid_ok else None}
+            self._error(rid, echo, exc.code, str(exc))
             return
         session = self._session_for(rid, header)
         handler = self._broker_ops.get(header["op"])
@@ -610,9 +613,8 @@ class Broker:
             if entry.reserved_by is not None and now >= entry.reserved_until:
                 entry.reserved_by = None
                 self._dispatch(entry)
-            if entry.open_waiters and any(w.deadline is not None and now >= w.deadline for w in entry.open_waiters):
-                self.directory.settle_open_waiters(entry, f"{entry.res}: no worker could be attached in time "
-                                                 "(is attach_on_demand on and the instrument reachable?)")
+            if entry.open_waiters:
+                self.directory.expire_open_waiters(entry, now)
         grace = self.config.grace_ms / 1000.0
         for req in list(self.inflight_by_bid.values()):
             if not req.answered and req.deadline is not None and now >= req.deadline + grace:
