@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import signal
 import subprocess
 import sys
@@ -132,6 +133,45 @@ class Proc:
     def __exit__(self, *exc: object) -> None:
         self.terminate()
         self.kill()
+
+
+class ScriptChild:
+    """A `python -c SCRIPT ARGS` child that prints one JSON line once ready and exits when its stdin closes
+    (so it cannot outlive the test even if the test process dies). Its stderr goes to `log_path`."""
+
+    def __init__(self, script: str, args: list[str], log_path: Path, what: str, timeout: float = 30.0) -> None:
+        self.what = what
+        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child; closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-c", script, *args],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        try:
+            self.info: dict[str, Any] = json.loads(self._first_line(timeout))
+        except (RuntimeError, ValueError):
+            self.stop()
+            raise
+
+    def _first_line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                raise RuntimeError(f"{self.what} printed nothing in {timeout}s (log: {self._log.name})")
+        line = self.proc.stdout.readline().decode()
+        if not line:
+            raise RuntimeError(f"{self.what} exited with {self.proc.wait()} (log: {self._log.name})")
+        return line
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._log.close()
 
 
 def write_config(tmp: Path, text: str) -> Path:

@@ -8,11 +8,7 @@ simulator never produces (FatalError mid-session, a lying payload length, Error 
 
 from __future__ import annotations
 
-import json
-import selectors
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -21,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ScriptChild
 from visabus.sdk.errors import (
     Aborted,
     ConnectionLost,
@@ -54,46 +51,14 @@ server.stop()
 """
 
 
-class Simulator:
+class Simulator(ScriptChild):
     """The HiSLIP simulator as a child process; stopped by closing its stdin, killed if it lingers."""
 
     def __init__(self, log_path: Path, mode: str, max_message_size: int = 1 << 20) -> None:
+        super().__init__(_SIM, [IDENTITY, mode, str(max_message_size)], log_path, "HiSLIP simulator")
         self.mode = mode
-        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child; closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SIM, IDENTITY, mode, str(max_message_size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-        )
-        try:
-            info = json.loads(self._first_line(timeout=30))
-        except (RuntimeError, ValueError):
-            self.stop()
-            raise
-        self.resource: str = info["hislip"]
-        self.port: int = info["port"]
-
-    def _first_line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                raise RuntimeError(f"HiSLIP simulator printed nothing in {timeout}s (log: {self._log.name})")
-        line = self.proc.stdout.readline().decode()
-        if not line:
-            raise RuntimeError(f"HiSLIP simulator exited with {self.proc.wait()} (log: {self._log.name})")
-        return line
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
+        self.resource: str = self.info["hislip"]
+        self.port: int = self.info["port"]
 
 
 @pytest.fixture(scope="module", params=["sync", "overlap"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import pyvicp
 
+from tests.conftest import ScriptChild
 from visabus.sdk.errors import Aborted, ConnectionLost, IOFailure, ResourceNotFound, VisaBusError, VisaTimeout
 from visabus.sdk.resources import parse_resource
 from visabus.workers.protocols.vicp import HEADER_SIZE, Header, Op, encode_header
@@ -47,46 +48,13 @@ sys.stdin.read()
 """
 
 
-class Simulator:
+class Simulator(ScriptChild):
     """The VICP simulator as a child process; stopped by closing its stdin, killed if it lingers."""
 
     def __init__(self, log_path: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._log = open(log_path, "wb")  # noqa: SIM115 - lives as long as the child process
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _SIM, IDENTITY, host, str(port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
-        )
-        try:
-            info = json.loads(self._first_line(timeout=20))
-        except Exception:
-            self.stop()
-            raise
-        self.resource: str = info["vicp"]
-        self.port: int = info["port"]
-
-    def _first_line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if not sel.select(timeout):
-                raise RuntimeError(f"VICP simulator printed nothing in {timeout}s (log: {self._log.name})")
-        line = self.proc.stdout.readline().decode()
-        if not line:
-            raise RuntimeError(f"VICP simulator exited with {self.proc.wait()} (log: {self._log.name})")
-        return line
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._log.close()
-
+        super().__init__(_SIM, [IDENTITY, host, str(port)], log_path, "VICP simulator", timeout=20)
+        self.resource: str = self.info["vicp"]
+        self.port: int = self.info["port"]
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
