@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 
 from visabus.sdk.logs import configure_logging
 from visabus.sdk.transport import DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND
@@ -53,7 +54,7 @@ def serve_main(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config) if args.config else parse_config(_demo_default(), "<embedded demo>")
     except ConfigError as exc:
-        print(f"visabus serve: {exc}", flush=True)
+        print(f"visabus serve: {exc}", file=sys.stderr, flush=True)
         return 2
     return Supervisor(config, json_output=args.json).run()
 

@@ -15,7 +15,7 @@ import itertools
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,7 +148,7 @@ class Broker:
                 log.exception("broker.handler_bug")
 
     # ========================================================================= sending helpers
-    def _send(self, sock: zmq.Socket, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
+    def _send(self, sock: zmq.Socket, rid: bytes, header: schema.Header, frames: Sequence[Any] = ()) -> bool:
         try:
             sock.send_multipart([rid, schema.pack(header), *frames], flags=zmq.NOBLOCK)
             return True
@@ -160,10 +160,10 @@ class Broker:
             log.info("broker.peer_gone", peer=rid.hex(), op=header.get("op"), error=str(exc))
         return False
 
-    def _send_client(self, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
+    def _send_client(self, rid: bytes, header: schema.Header, frames: Sequence[Any] = ()) -> bool:
         return self._send(self.frontend, rid, header, frames)
 
-    def _send_worker(self, rid: bytes, header: schema.Header, frames: list[Any] = ()) -> bool:  # type: ignore[assignment]
+    def _send_worker(self, rid: bytes, header: schema.Header, frames: Sequence[Any] = ()) -> bool:
         return self._send(self.backend, rid, header, frames)
 
     def _error(self, rid: bytes, header: schema.Header, code: StatusCode, message: str, **fields: Any) -> None:
@@ -347,7 +347,11 @@ class Broker:
             self._fail(req, StatusCode.VI_ERROR_RSRC_LOCKED,
                        f"{entry.res} is locked by {', '.join(map(self._session_label, entry.locks.holders()))}")
             return
-        worker = self.workers[entry.worker]  # type: ignore[index]
+        worker = self.workers.get(entry.worker) if entry.worker is not None else None
+        if worker is None:
+            self._fail(req, StatusCode.VI_ERROR_CONN_LOST, f"{entry.res}: its worker is down; the clear was not sent",
+                       outcome="not_executed")
+            return
         worker.oob[req.bid] = req
         self.inflight_by_bid[req.bid] = req
         self.sessions[req.sid].pending[req.cid] = req.bid
@@ -446,7 +450,8 @@ class Broker:
             del self.workers[current.rid]
             current.rid, current.last_seen = rid, now
             self.workers[rid] = current
-            entry.worker = rid  # type: ignore[union-attr]
+            assert entry is not None  # `current` came from this entry
+            entry.worker = rid
             if current.data_rid is not None:
                 self.data_rids[current.data_rid] = rid
             return

@@ -318,17 +318,18 @@ class Supervisor:
     # ------------------------------------------------------------------------------ stop
     def shutdown(self) -> None:
         order = {"worker": 0, "discovery": 1, "simulator": 2, "broker": 3}
-        live = [c for c in sorted(self.children, key=lambda c: order[c.kind]) if c.proc and c.proc.poll() is None]
-        for child in live:
-            child.proc.terminate()  # type: ignore[union-attr]
+        live = [(c.name, c.proc) for c in sorted(self.children, key=lambda c: order[c.kind])
+                if c.proc is not None and c.proc.poll() is None]
+        for _, proc in live:
+            proc.terminate()
         deadline = time.monotonic() + STOP_GRACE_S
-        for child in live:
+        for name, proc in live:
             try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))  # type: ignore[union-attr]
+                proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.warning("supervisor.kill", child=child.name)
-                child.proc.kill()  # type: ignore[union-attr]
-                child.proc.wait()  # type: ignore[union-attr]
+                log.warning("supervisor.kill", child=name)
+                proc.kill()
+                proc.wait()
         for leftover in psutil.Process().children(recursive=True):
             try:
                 log.warning("supervisor.sweep", pid=leftover.pid, cmd=" ".join(leftover.cmdline()[:4]))

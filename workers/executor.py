@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +220,7 @@ class Executor(threading.Thread):
         finally:
             push.close(linger=1000)
 
-    def _send(self, header: dict[str, Any], frames: list[Any] = ()) -> None:  # type: ignore[assignment]
+    def _send(self, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         assert self._out is not None
         self._out.send_multipart([schema.pack(header), *frames], copy=False)
 

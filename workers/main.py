@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 
 from visabus.sdk.errors import VisaBusError
 from visabus.sdk.logs import configure_logging
@@ -41,7 +42,7 @@ def worker_main(args: argparse.Namespace) -> int:
         worker = Worker(args.resource, args.backend, alias=args.alias, heartbeat_ms=args.heartbeat_ms,
                         liveness=args.liveness, attributes=attributes)
     except VisaBusError as exc:
-        print(f"visabus worker: {exc}", flush=True)
+        print(f"visabus worker: {exc}", file=sys.stderr, flush=True)
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())

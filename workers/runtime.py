@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
@@ -123,7 +124,7 @@ class Worker:
                     "wid": self.wid, "fence": bool(self.session.attributes.extra.get("fence_locks"))})
         self.executor.rehello.set()  # a (re)registration needs the data socket attached again too
 
-    def _send(self, header: dict[str, Any], frames: list[Any] = ()) -> None:  # type: ignore[assignment]
+    def _send(self, header: dict[str, Any], frames: Sequence[Any] = ()) -> None:
         assert self._dealer is not None  # internal invariant, not input validation
         header = {k: v for k, v in header.items() if v is not None}
         self._dealer.send_multipart([schema.pack(header), *frames], copy=False)

@@ -18,6 +18,7 @@ import threading
 import structlog
 
 from visabus.sdk.errors import Aborted, ConnectionLost, ResourceNotFound, VisaTimeout
+from visabus.sdk.resources import Resource
 
 from .base import Session, SessionAttributes
 
@@ -28,7 +29,7 @@ KEEPALIVE_IDLE_S = 60
 
 
 class SocketSession(Session):
-    def __init__(self, resource, attributes: SessionAttributes | None = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, resource: Resource, attributes: SessionAttributes | None = None) -> None:
         super().__init__(resource, attributes)
         self._sock: socket.socket | None = None
         self._pending = bytearray()         # received past the last terminator
