@@ -6,13 +6,10 @@ politely, then kills whatever psutil still finds of it: a benchmark must never l
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
+from visabus.sim.server import free_loopback_alias as sim_free_loopback_alias
 
 VICP_PORT = 1861  # the only port PyVISA-py's VICP resource can reach (it drops ",port")
 
@@ -35,19 +34,7 @@ events   = "tcp://127.0.0.1:0"
 
 def free_loopback_alias() -> tuple[str | None, str]:
     """A 127.0.0.x (x >= 2) on which port 1861 can be bound, or (None, reason)."""
-    reason = "no address tried"
-    for x in random.sample(range(2, 255), 8):
-        host = f"127.0.0.{x}"
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, VICP_PORT))
-                return host, ""
-            except OSError as exc:
-                reason = f"cannot bind {host}:{VICP_PORT}: {exc.strerror}"
-                if exc.errno != errno.EADDRINUSE:
-                    break
-    return None, reason
+    return sim_free_loopback_alias(VICP_PORT)
 
 
 def probe_protocols(protocols: list[str], python: str = sys.executable, timeout: float = 20.0) -> dict[str, str]:

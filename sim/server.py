@@ -6,6 +6,8 @@ which runs on its own thread per connection. Port 0 binds an ephemeral port; `.p
 
 from __future__ import annotations
 
+import errno
+import random
 import socket
 import socketserver
 import threading
@@ -79,3 +81,24 @@ class InstrumentServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def free_loopback_alias(port: int, tries: int = 8) -> tuple[str | None, str]:
+    """A 127.0.0.x (x >= 2) where `port` can be bound, or (None, why not).
+
+    For clients fixed to one port (PyVISA-py's VICP only reaches 1861): every 127/8 address is local on
+    Linux, so a random one avoids colliding with anything on 127.0.0.1 without root or namespaces.
+    """
+    reason = "no address tried"
+    for x in random.sample(range(2, 255), tries):
+        host = f"127.0.0.{x}"
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return host, ""
+            except OSError as exc:
+                reason = f"cannot bind {host}:{port}: {exc.strerror}"
+                if exc.errno != errno.EADDRINUSE:
+                    break
+    return None, reason

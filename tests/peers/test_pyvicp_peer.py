@@ -7,15 +7,13 @@ in-band serial poll. pyvicp's own defects are covered in tests/integration/test_
 
 from __future__ import annotations
 
-import json
-import selectors
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import pyvicp
+
+from tests.conftest import ScriptChild
 
 IDENTITY = "LECROY,WAVERUNNER-SIM,LCRY0001,9.0"
 
@@ -35,29 +33,14 @@ sys.stdin.read()
 @pytest.fixture(scope="module")
 def sim_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     log_path = tmp_path_factory.mktemp("pyvicp") / "sim.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SIM, IDENTITY], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
-        )
-        try:
-            assert proc.stdout is not None
-            with selectors.DefaultSelector() as sel:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                ready = sel.select(20)
-            line = proc.stdout.readline() if ready else b""
-            if not line:
-                pytest.fail(f"VICP simulator did not start: {Path(log_path).read_text()}")
-            yield int(json.loads(line)["port"])
-        finally:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+    try:
+        child = ScriptChild(_SIM, [IDENTITY], log_path, "VICP simulator", timeout=20)
+    except RuntimeError:
+        pytest.fail(f"VICP simulator did not start: {Path(log_path).read_text()}")
+    try:
+        yield int(child.info["port"])
+    finally:
+        child.stop()
 
 
 @pytest.fixture

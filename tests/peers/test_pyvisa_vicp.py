@@ -9,13 +9,6 @@ with the bind error as the reason.
 
 from __future__ import annotations
 
-import errno
-import json
-import random
-import selectors
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +17,9 @@ import pyvisa
 from pyvisa import constants
 from pyvisa.errors import VisaIOError
 from pyvisa.resources import MessageBasedResource
+
+from tests.conftest import ScriptChild
+from visabus.sim.server import free_loopback_alias
 
 pytest.importorskip("pyvisa_py")
 pytest.importorskip("pyvicp")
@@ -46,19 +42,10 @@ sys.stdin.read()
 
 def _free_loopback_alias() -> str:
     """A 127.0.0.x (x >= 2) where port 1861 can be bound, or skip with the reason."""
-    reason = ""
-    for x in random.sample(range(2, 255), 8):
-        host = f"127.0.0.{x}"
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, VICP_PORT))
-                return host
-            except OSError as exc:
-                reason = f"cannot bind {host}:{VICP_PORT}: {exc}"
-                if exc.errno != errno.EADDRINUSE:
-                    break
-    pytest.skip(f"PyVISA-py only reaches VICP port {VICP_PORT} and no loopback alias is free ({reason})")
+    host, reason = free_loopback_alias(VICP_PORT)
+    if host is None:
+        pytest.skip(f"PyVISA-py only reaches VICP port {VICP_PORT} and no loopback alias is free ({reason})")
+    return host
 
 
 @pytest.fixture(scope="module")
@@ -66,31 +53,14 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(resource, host) of a simulator on 127.0.0.x:1861."""
     host = _free_loopback_alias()
     log_path = tmp_path_factory.mktemp("pyvisa_vicp") / "sim.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SIM, IDENTITY, host, str(VICP_PORT)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-        )
-        try:
-            assert proc.stdout is not None
-            with selectors.DefaultSelector() as sel:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                ready = sel.select(20)
-            line = proc.stdout.readline() if ready else b""
-            if not line:
-                pytest.skip(f"VICP simulator could not listen on {host}:{VICP_PORT}: {Path(log_path).read_text()[-500:]}")
-            resource = json.loads(line)["vicp"]
-            yield resource, host
-        finally:
-            assert proc.stdin is not None
-            proc.stdin.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.stdout is not None
-            proc.stdout.close()
+    try:
+        child = ScriptChild(_SIM, [IDENTITY, host, str(VICP_PORT)], log_path, "VICP simulator", timeout=20)
+    except RuntimeError:
+        pytest.skip(f"VICP simulator could not listen on {host}:{VICP_PORT}: {Path(log_path).read_text()[-500:]}")
+    try:
+        yield child.info["vicp"], host
+    finally:
+        child.stop()
 
 
 @pytest.fixture(scope="module")
