@@ -93,22 +93,13 @@ def _progress_bar(enabled: bool) -> Any:
 
 
 def _read_with_progress(inst: Any, args: argparse.Namespace, message: bytes | None) -> bytes:
-    show = args.progress and not args.json
-    bar = _progress_bar(show)
-    parts: list[bytes] = []
+    bar = _progress_bar(args.progress and not args.json)
     if bar is None:
-        for view in inst.iter_read(message=message, block=args.binary):
-            parts.append(bytes(view))
-        return b"".join(parts)
+        return b"".join(inst.iter_read(message=message, block=args.binary))  # one copy: the views keep their frames
     with bar:
         task = bar.add_task("reading", total=None)
-
-        def progress(done: int, total: int | None) -> None:
-            bar.update(task, completed=done, total=total)
-
-        for view in inst.iter_read(message=message, block=args.binary, progress=progress):
-            parts.append(bytes(view))
-    return b"".join(parts)
+        return b"".join(inst.iter_read(message=message, block=args.binary,
+                                       progress=lambda done, total: bar.update(task, completed=done, total=total)))
 
 
 def _emit_data(args: argparse.Namespace, data: bytes, res: str) -> None:

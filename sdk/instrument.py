@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import InvalidFormat, SessionNotLocked
+from .errors import InvalidFormat
 
 if TYPE_CHECKING:
     from .client import Client
@@ -228,10 +228,8 @@ class Instrument:
         return self.lock(timeout, requested_key=requested_key, exclusive=False)
 
     def unlock(self) -> None:
-        try:
-            self._call("unlock")
-        except SessionNotLocked:
-            raise
+        """Release one level of this client's lock (SessionNotLocked if it holds none)."""
+        self._call("unlock")
 
     # ------------------------------------------------------------------------------ atomic groups
     def transaction(self, steps: Sequence[tuple[str, Any] | str]) -> list[Any]:
