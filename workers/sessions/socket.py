@@ -125,12 +125,23 @@ class SocketSession(Session):
         self._pending += buffer[at + 1 : n]
         return at + 1, True
 
-    def _reconnect_quietly(self, sock: socket.socket) -> None:
+    def _detach(self, expected: socket.socket | None = None) -> socket.socket | None:
+        """Take the live connection out of service (only if it is still `expected`, when given).
+
+        It is retired, not closed: another thread may be about to poll it, and closing it then would make
+        CPython poll fd -1 for the whole timeout; the executor closes retired sockets at the next begin().
+        """
         with self._lock:
-            if self._sock is not sock:
-                return
+            sock = self._sock
+            if sock is None or (expected is not None and sock is not expected):
+                return None
             self._sock = None
-        sock.close()
+            self._retired.append(sock)
+            return sock
+
+    def _reconnect_quietly(self, sock: socket.socket) -> None:
+        if self._detach(sock) is None:
+            return
         try:
             self.open(self.attributes.timeout or 5.0)
         except (VisaTimeout, ResourceNotFound):
@@ -146,23 +157,15 @@ class SocketSession(Session):
         return n, at >= 0
 
     def _lost(self, exc: OSError | None, sock: socket.socket) -> Exception:
-        with self._lock:
-            replaced = self._sock is not sock
-            if not replaced:
-                self._sock = None
-        if replaced:  # clear() swapped the connection under us (it is closed at the next begin())
+        if self._detach(sock) is None:  # clear() swapped the connection under us
             return Aborted(f"{self.resource}: operation aborted by a device clear")
-        sock.close()
         why = "the instrument closed the connection" if exc is None else (exc.strerror or str(exc))
         return ConnectionLost(f"{self.resource}: connection lost ({why})")
 
     # ------------------------------------------------------------------------------ control
     def clear(self) -> None:
         """Raw sockets have no device clear: reconnect, which discards late answers and unblocks reads."""
-        with self._lock:
-            sock, self._sock = self._sock, None
-            if sock is not None:
-                self._retired.append(sock)
+        sock = self._detach()
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked recv; the fd stays valid until begin()
