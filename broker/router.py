@@ -316,8 +316,9 @@ class Broker:
         req = Request(bid=next(self._bids), rid=rid, sid=session.sid, cid=cid, header=header, frames=data,
                       res=entry.res, received=now, deadline=None if timeout_s is None else now + timeout_s,
                       timeout_s=timeout_s)
+        size = sum(len(f) for f in data)
         entry.stats.requests += 1
-        entry.stats.bytes_in += sum(len(f) for f in data)
+        entry.stats.bytes_in += size
         if entry.worker is None:
             self._fail(req, StatusCode.VI_ERROR_CONN_LOST,
                        f"{entry.res}: its worker is down (restarting?); the request was not executed",
@@ -326,7 +327,6 @@ class Broker:
         if header["op"] == "clear":
             self._send_out_of_band(entry, req)
             return
-        size = sum(len(f) for f in data)
         if entry.queued_bytes + size > self.config.queue_bytes_limit and len(entry.queue):
             self._fail(req, StatusCode.VI_ERROR_RSRC_BUSY,
                        f"{entry.res}: {entry.queued_bytes} bytes already wait for this instrument "
