@@ -240,7 +240,7 @@ class _Channel:
                 self._begin_record()
                 n = self._body_upto(head)
                 if n == _HEAD and rpc.is_plain_success_head(head[: rpc.REPLY_HEADER_SIZE]):
-                    rxid = int.from_bytes(head[:4], "big")
+                    rxid, _ = rpc.peek_message(head)
                     if rxid != xid and self._stale(rxid, xid):
                         self._rest_of_record()
                         continue
